@@ -1,0 +1,16 @@
+"""Environment registry: exact name -> EnvSpec. See envs/base.py for the contract."""
+from __future__ import annotations
+
+from envs.base import Env, EnvSpec, Obs, Prompts
+from envs.sokoban import SPEC as _SOKOBAN
+
+REGISTRY: dict[str, EnvSpec] = {_SOKOBAN.name: _SOKOBAN}
+
+
+def get_spec(name: str) -> EnvSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown env '{name}'; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["Env", "EnvSpec", "Obs", "Prompts", "REGISTRY", "get_spec"]

@@ -1,0 +1,141 @@
+"""The environment contract every himac environment follows.
+
+An environment is three parts (after verl-agent): a stateful env with
+`reset(seed)` / `step(action)`, a pure `parse_action(text) -> (action, valid)`
+that projects model text onto the action space, and prompt templates kept as
+constants. An `EnvSpec` bundles them and is registered by exact name in
+`envs.REGISTRY`.
+
+`step(None)` means "the model's text was not a valid action": the env spends a
+step on it (so a model that never answers validly still runs out of budget) and
+leaves the state unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Obs:
+    text: str  # the full observation the policy reads (map, room description, page)
+    feedback: str = ""  # one line on what the last step did, for the executor's history
+    image: np.ndarray | None = None  # (H, W, 3) uint8 for visual observations
+    admissible: list[str] | None = None  # valid commands, for envs that enumerate them
+
+
+class Env(Protocol):
+    task: str  # natural-language instruction x for the current episode
+    task_type: str  # category for per-type reporting ("sokoban", "pick", "clean", ...)
+
+    def reset(self, seed: int) -> Obs: ...
+
+    def step(self, action: Any | None) -> tuple[Obs, float, bool, dict]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Templates; the executor/planner fill the {fields} named in each docstring line.
+
+    planner_system, planner_user: {task} {observation} {max_subgoals}
+    executor_system, executor_user: {task} {subgoal} {index} {count} {history} {observation} {sub_done_rule}
+    flat_system, flat_user: {task} {history} {observation}
+
+    A *_prefix is prefilled at the start of the assistant's answer (it is prompt,
+    not trained); the parser reads prefix + completion. Small models need it:
+    SmolLM2-135M writes a parseable numbered plan after "1." and names a
+    direction after "Direction:", and mostly does neither without them.
+    """
+    planner_system: str
+    planner_user: str
+    executor_system: str
+    executor_user: str
+    flat_system: str = ""
+    flat_user: str = ""
+    planner_prefix: str = ""
+    executor_prefix: str = ""
+    flat_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    config: type  # dataclass of the env's own flat config keys
+    make: Callable[[Any], Env]  # config instance -> env
+    parse_action: Callable[[str], tuple[Any, bool]]
+    prompts: Prompts
+    task_types: tuple[str, ...] = field(default=())
+
+
+class SerialPool:
+    """A batch of env slots stepped in this process, one after another.
+
+    Right for envs whose step takes microseconds (Sokoban). An exception raised by
+    an env during reset or step is contained: that slot's episode ends as a
+    failure with info["error"] set, and the batch goes on.
+    """
+
+    def __init__(self, spec: EnvSpec, cfg: Any):
+        self.spec, self.cfg = spec, cfg
+        self.envs: list[Env] = []
+        self.tasks: list[str] = []
+        self.task_types: list[str] = []
+
+    def reset(self, seeds: list[int]) -> list[Obs]:
+        """Fresh envs, one per seed. A slot whose env fails to load is listed in `failed`."""
+        self.close()
+        self.envs, self.tasks, self.task_types, out = [], [], [], []
+        self.failed: dict[int, str] = {}
+        for slot, seed in enumerate(seeds):
+            try:
+                env = self.spec.make(self.cfg)
+                obs = env.reset(seed)
+            except Exception as e:  # noqa: BLE001
+                env, obs = _FailedEnv(e), error_result(e)[0]
+                self.failed[slot] = f"{type(e).__name__}: {e}"
+            self.envs.append(env)
+            self.tasks.append(env.task)
+            self.task_types.append(env.task_type)
+            out.append(obs)
+        return out
+
+    def step(self, slots: list[int], actions: list[Any]) -> list[tuple[Obs, float, bool, dict]]:
+        out = []
+        for slot, action in zip(slots, actions):
+            try:
+                out.append(self.envs[slot].step(action))
+            except Exception as e:  # noqa: BLE001 - containment is the point
+                out.append(error_result(e))
+        return out
+
+    def env(self, slot: int) -> Env:
+        return self.envs[slot]
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        self.envs = []
+
+
+def error_result(e: BaseException) -> tuple[Obs, float, bool, dict]:
+    msg = f"{type(e).__name__}: {e}"
+    return Obs(text=f"[environment error] {msg}", feedback="The environment failed."), 0.0, True, \
+        {"success": False, "error": msg}
+
+
+class _FailedEnv:
+    """Stands in for an env that could not be created or reset."""
+    task, task_type = "", "error"
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def step(self, action):
+        raise RuntimeError(f"this env failed to load: {self.error}")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,294 @@
+"""Sokoban on gym-sokoban's room generator, without its gym env.
+
+gym-sokoban's `SokobanEnv` needs `pkg_resources`, the old gym API and numpy < 2,
+so we load only `gym_sokoban/envs/room_utils.py` (pure numpy + random) straight
+from its file and reimplement the step in ~40 lines with gym-sokoban's own rules,
+which tests cross-check against the original `SokobanEnv` on random actions:
+- the four actions are gym-sokoban's *push* actions (1-4): a push into a box moves
+  it if the cell behind is free, otherwise the player just moves if it can;
+- reward: -0.1 a step, +1 a box onto a target, -1 a box off a target, +10 when
+  every box is on a target; the episode ends when solved or after `max_steps`.
+Departures, deliberate: (1) a box that the generator leaves standing on a target
+is coded "box on target" (gym-sokoban leaves it coded "off target" and then pays
++1 for it on the first step); (2) an invalid model answer costs a step (-0.1)
+and changes nothing, like gym-sokoban's no-op; (3) a box stuck in a corner off
+target is reported as "deadlock" in the observation, so a failure keyword can end
+the episode early (the state is unsolvable).
+
+Room generation uses the global `random` and `np.random` streams; we seed both
+from the episode seed and restore the caller's state afterwards, so the same seed
+always gives the same room and nothing else's randomness is disturbed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs.base import EnvSpec, Obs, Prompts
+
+WALL, FLOOR, TARGET, BOX_ON, BOX, PLAYER = 0, 1, 2, 3, 4, 5  # gym-sokoban's cell codes
+ACTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+GYM_ACTION = {"up": 1, "down": 2, "left": 3, "right": 4}  # gym-sokoban's push actions
+STEP_PENALTY, BOX_ON_REWARD, BOX_OFF_PENALTY, SOLVED_REWARD = -0.1, 1.0, -1.0, 10.0
+SYMBOLS = {WALL: "#", FLOOR: "_", TARGET: ".", BOX_ON: "*", BOX: "$", PLAYER: "@"}
+PLAYER_ON_TARGET = "+"
+LEGEND = "# wall, _ floor, . target, $ box, * box on target, @ player, + player on target"
+
+
+def _load_room_utils():
+    spec = importlib.util.find_spec("gym_sokoban")  # finds the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("gym-sokoban is not installed: pip install gym-sokoban")
+    path = Path(list(spec.submodule_search_locations)[0]) / "envs" / "room_utils.py"
+    mod_spec = importlib.util.spec_from_file_location("_himac_room_utils", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+room_utils = _load_room_utils()
+
+
+@dataclass
+class SokobanConfig:
+    room_size: int = 6
+    """Rooms are room_size x room_size cells, walls included (paper: 6)."""
+    num_boxes: int = 1
+    """Boxes (and targets) per room (paper: 1)."""
+    max_steps: int = 15
+    """Episode horizon in env steps (paper §4.1: 15)."""
+    min_solution_moves: int = 1
+    """Reject rooms whose optimal solution is shorter: a minimum-difficulty filter."""
+    max_solution_moves: int = 0
+    """Reject rooms whose optimal solution is longer (0: no limit)."""
+    generation_steps: int = 0
+    """Random-walk steps of the room generator (0: gym-sokoban's 1.7 * (w + h))."""
+
+    def __post_init__(self):
+        from himac.config import check
+        check(4 <= self.room_size <= 16, "room_size", self.room_size, "must be in 4..16")
+        check(self.num_boxes >= 1, "num_boxes", self.num_boxes, "must be >= 1")
+        check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        check(self.min_solution_moves >= 1, "min_solution_moves", self.min_solution_moves, "must be >= 1")
+        check(self.max_solution_moves == 0 or self.max_solution_moves >= self.min_solution_moves,
+              "max_solution_moves", self.max_solution_moves, "must be 0 or >= min_solution_moves")
+
+
+def parse_action(text: str) -> tuple[str | None, bool]:
+    """Model text -> (direction, valid). Valid iff exactly one distinct direction word appears."""
+    words = set(re.findall(r"\b(up|down|left|right)\b", text.lower()))
+    if len(words) == 1:
+        return words.pop(), True
+    return None, False
+
+
+def solve(room_fixed: np.ndarray, room_state: np.ndarray, max_states: int = 200_000) -> list[str] | None:
+    """Breadth-first search for a shortest action sequence that solves the room.
+
+    Returns the list of directions, or None if unsolvable (or over `max_states`).
+    States are (player, boxes); moves follow the same push rules as `SokobanEnv.step`.
+    """
+    walls = room_fixed == WALL
+    targets = frozenset(zip(*np.nonzero(room_fixed == TARGET)))
+    player = tuple(np.argwhere(room_state == PLAYER)[0])
+    boxes = frozenset(zip(*np.nonzero((room_state == BOX) | (room_state == BOX_ON))))
+    if boxes <= targets:
+        return []
+    start = (player, boxes)
+    parent = {start: None}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        (pr, pc), bxs = state
+        for name, (dr, dc) in ACTIONS.items():
+            nxt = (pr + dr, pc + dc)
+            if walls[nxt]:
+                continue
+            if nxt in bxs:
+                behind = (nxt[0] + dr, nxt[1] + dc)
+                if walls[behind] or behind in bxs:
+                    continue
+                new_boxes = (bxs - {nxt}) | {behind}
+                if behind not in targets and _cornered(walls, behind):
+                    continue  # dead state: never part of a solution
+            else:
+                new_boxes = bxs
+            child = (nxt, new_boxes)
+            if child in parent:
+                continue
+            parent[child] = (state, name)
+            if new_boxes <= targets:
+                path = []
+                while parent[child] is not None:
+                    child, move = parent[child]
+                    path.append(move)
+                return path[::-1]
+            if len(parent) > max_states:
+                return None
+            queue.append(child)
+    return None
+
+
+def _cornered(walls: np.ndarray, cell: tuple[int, int]) -> bool:
+    r, c = cell
+    vertical = walls[r - 1, c] or walls[r + 1, c]
+    horizontal = walls[r, c - 1] or walls[r, c + 1]
+    return bool(vertical and horizontal)
+
+
+def render_text(room_fixed: np.ndarray, room_state: np.ndarray) -> str:
+    rows = []
+    for r in range(room_state.shape[0]):
+        row = []
+        for c in range(room_state.shape[1]):
+            cell = room_state[r, c]
+            if cell == PLAYER and room_fixed[r, c] == TARGET:
+                row.append(PLAYER_ON_TARGET)
+            else:
+                row.append(SYMBOLS[int(cell)])
+        rows.append("".join(row))
+    return "\n".join(rows)
+
+
+class SokobanEnv:
+    task_type = "sokoban"
+
+    def __init__(self, cfg: SokobanConfig):
+        self.cfg = cfg
+        self.room_fixed = self.room_state = None
+        self.optimal_moves: int | None = None
+        self.task = ""
+
+    # -- episode ---------------------------------------------------------------
+    def reset(self, seed: int) -> Obs:
+        self.room_fixed, self.room_state, solution = generate(self.cfg, seed)
+        self.optimal_moves = len(solution)
+        self.steps = 0
+        self.boxes_on_target = self._count_on_target()
+        n = self.cfg.num_boxes
+        self.task = f"Push {'the box' if n == 1 else f'all {n} boxes'} onto {'the target' if n == 1 else 'the targets'}."
+        return self._obs("The puzzle begins.")
+
+    def step(self, action: str | None) -> tuple[Obs, float, bool, dict]:
+        if self.room_state is None:
+            raise RuntimeError("call reset(seed) before step()")
+        self.steps += 1
+        reward = STEP_PENALTY
+        if action is None:
+            feedback = "Invalid action; nothing happened."
+        elif action not in ACTIONS:
+            raise ValueError(f"unknown Sokoban action {action!r}; expected one of {list(ACTIONS)}")
+        else:
+            feedback = self._move(action)
+        on_target = self._count_on_target()
+        if on_target > self.boxes_on_target:
+            reward += BOX_ON_REWARD
+        elif on_target < self.boxes_on_target:
+            reward += BOX_OFF_PENALTY
+        self.boxes_on_target = on_target
+        solved = on_target == self.cfg.num_boxes
+        if solved:
+            reward += SOLVED_REWARD
+            feedback += " Every box is on a target: solved."
+        elif self._deadlocked():
+            feedback += " Deadlock: a box is stuck in a corner."
+        done = solved or self.steps >= self.cfg.max_steps
+        info = {"success": solved, "steps": self.steps}
+        return self._obs(feedback), reward, done, info
+
+    def close(self) -> None:
+        pass
+
+    # -- mechanics (gym-sokoban's push rules) -----------------------------------
+    def _move(self, action: str) -> str:
+        dr, dc = ACTIONS[action]
+        pr, pc = np.argwhere(self.room_state == PLAYER)[0]
+        nr, nc = pr + dr, pc + dc
+        br, bc = nr + dr, nc + dc
+        h, w = self.room_state.shape
+        if self.room_state[nr, nc] in (BOX, BOX_ON) and 0 <= br < h and 0 <= bc < w \
+                and self.room_state[br, bc] in (FLOOR, TARGET):
+            self.room_state[br, bc] = BOX_ON if self.room_fixed[br, bc] == TARGET else BOX
+            self._put_player(pr, pc, nr, nc)
+            return f"You pushed a box {action}."
+        if self.room_state[nr, nc] in (FLOOR, TARGET):
+            self._put_player(pr, pc, nr, nc)
+            return f"You moved {action}."
+        what = "a wall" if self.room_state[nr, nc] == WALL else "a box that cannot move"
+        return f"You tried to move {action} but {what} is in the way."
+
+    def _put_player(self, pr, pc, nr, nc) -> None:
+        self.room_state[nr, nc] = PLAYER
+        self.room_state[pr, pc] = self.room_fixed[pr, pc]
+
+    def _count_on_target(self) -> int:
+        return int(np.sum(self.room_state == BOX_ON))
+
+    def _deadlocked(self) -> bool:
+        walls = self.room_fixed == WALL
+        return any(_cornered(walls, (r, c)) for r, c in np.argwhere(self.room_state == BOX))
+
+    def _obs(self, feedback: str) -> Obs:
+        return Obs(text=self.text(), feedback=feedback)
+
+    def text(self) -> str:
+        return render_text(self.room_fixed, self.room_state)
+
+
+def generate(cfg: SokobanConfig, seed: int, max_tries: int = 1000) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Seeded room -> (room_fixed, room_state, optimal solution). Same seed, same room."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        steps = cfg.generation_steps or int(1.7 * 2 * cfg.room_size)
+        for _ in range(max_tries):
+            try:
+                fixed, state, _ = room_utils.generate_room(
+                    dim=(cfg.room_size, cfg.room_size), num_steps=steps, num_boxes=cfg.num_boxes)
+            except (RuntimeError, RuntimeWarning):  # gym-sokoban's "no room this try"
+                continue
+            fixed, state = fixed.astype(np.int8), state.astype(np.int8)
+            boxes = (state == BOX) | (state == BOX_ON)
+            state[boxes & (fixed == TARGET)] = BOX_ON
+            state[boxes & (fixed != TARGET)] = BOX
+            solution = solve(fixed, state)
+            if solution is None or len(solution) < cfg.min_solution_moves:
+                continue
+            if cfg.max_solution_moves and len(solution) > cfg.max_solution_moves:
+                continue
+            return fixed, state, solution
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    raise RuntimeError(f"no Sokoban room for seed {seed} met the difficulty filter in {max_tries} tries "
+                       f"(min_solution_moves={cfg.min_solution_moves}, "
+                       f"max_solution_moves={cfg.max_solution_moves}); relax the filter")
+
+
+MAP = "Map (" + LEGEND + "; row 0 is the top):\n{observation}\n"
+PROMPTS = Prompts(
+    planner_system=(
+        "You plan Sokoban puzzles: the player @ walks and pushes boxes $ onto targets . "
+        "(a box cannot be pulled). Write a plan of at most {max_subgoals} short sub-goals, "
+        "one per line, numbered 1., 2., ..."),
+    planner_user=MAP + "Task: {task} Write the numbered plan.",
+    planner_prefix="1.",
+    executor_system="You play Sokoban: the player @ moves one cell a step, and moving into a box pushes it.",
+    executor_user=(
+        "Task: {task}\nSub-goal ({index}/{count}): {subgoal}\n{history}" + MAP +
+        "Which way do you move: up, down, left or right?{sub_done_rule}"),
+    executor_prefix="Direction:",
+    flat_system="You play Sokoban: the player @ moves one cell a step, and moving into a box pushes it.",
+    flat_user="Task: {task}\n{history}" + MAP + "Which way do you move: up, down, left or right?",
+    flat_prefix="Direction:",
+)
+
+SPEC = EnvSpec(name="sokoban", config=SokobanConfig, make=SokobanEnv, parse_action=parse_action,
+               prompts=PROMPTS, task_types=("sokoban",))

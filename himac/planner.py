@@ -1,0 +1,95 @@
+"""The macro policy (planner): pi_macro(z | x) of Eq. 1, paper §3.2.
+
+Given the task instruction x and the first observation, the shared model writes a
+blueprint z = (g_1, ..., g_K): a numbered list of natural-language sub-goals.
+Phase A (Algorithm 1, line 4) samples G blueprints per task; each is scored by
+a greedy executor rollout (coevolve.py) and trained on its own tokens only.
+
+A blueprint with no numbered line is unparseable: it is kept as a sample (its
+tokens still get the macro gradient, with the low return it earned) but is not
+executed; its return is `blueprint_fail_penalty`. More than K numbered lines are
+cut to the first K (`max_subgoals`).
+
+Same function names, in the same order, as executor.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from envs.base import Obs, Prompts
+from himac.policy import Policy
+from himac.update import BLUEPRINT, Row
+
+SUBGOAL_LINE = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s*(.+?)\s*$", re.IGNORECASE)
+
+
+@dataclass
+class PlannerConfig:
+    group_size: int = 8
+    """G: blueprints sampled per task in Phase A (paper: 8)."""
+    max_subgoals: int = 4
+    """K: the most sub-goals a blueprint may hold; extra lines are dropped."""
+    blueprint_max_tokens: int = 128
+    """Generation budget of one blueprint."""
+    planner_temperature: float = 1.0
+    """Sampling temperature of blueprints (> 0: the group needs diversity)."""
+    blueprint_fail_penalty: float = -1.0
+    """Return of an unparseable blueprint (it is not executed)."""
+
+    def __post_init__(self):
+        from himac.config import check
+        check(self.group_size >= 1, "group_size", self.group_size, "must be >= 1")
+        check(self.max_subgoals >= 1, "max_subgoals", self.max_subgoals, "must be >= 1")
+        check(self.blueprint_max_tokens >= 1, "blueprint_max_tokens", self.blueprint_max_tokens, "must be >= 1")
+        check(self.planner_temperature > 0, "planner_temperature", self.planner_temperature,
+              "must be > 0 (blueprints are sampled)")
+
+
+@dataclass
+class Blueprint:
+    task: int  # index of the task in the iteration's batch
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    subgoals: list[str]
+    valid: bool
+    temperature: float
+
+
+def build_messages(prompts: Prompts, task: str, obs: Obs, max_subgoals: int) -> list[dict]:
+    fields = {"task": task, "observation": obs.text, "max_subgoals": max_subgoals}
+    return [{"role": "system", "content": prompts.planner_system.format(**fields)},
+            {"role": "user", "content": prompts.planner_user.format(**fields)}]
+
+
+def parse_output(text: str, max_subgoals: int) -> tuple[list[str], bool]:
+    """Blueprint text -> (sub-goals, valid). Numbered lines ("1. ...", "2) ...", "Step 3: ...")."""
+    subgoals = []
+    for line in text.splitlines():
+        m = SUBGOAL_LINE.match(line.replace("**", ""))
+        if m and m.group(2).strip(" .:-"):
+            subgoals.append(m.group(2).strip())
+    return subgoals[:max_subgoals], bool(subgoals)
+
+
+def generate(policy: Policy, prompts: Prompts, tasks: list[str], first_obs: list[Obs],
+             cfg: PlannerConfig, n: int, temperature: float | None = None) -> list[list[Blueprint]]:
+    """Sample n blueprints for each task: returns (B, n) nested lists. temperature 0 = greedy."""
+    temp = cfg.planner_temperature if temperature is None else temperature
+    prompt_ids = [policy.encode(build_messages(prompts, t, o, cfg.max_subgoals), prompts.planner_prefix)
+                  for t, o in zip(tasks, first_obs)]
+    flat = [p for p in prompt_ids for _ in range(n)]  # (B * n,)
+    outs = policy.generate(flat, cfg.blueprint_max_tokens, temp)
+    groups: list[list[Blueprint]] = [[] for _ in tasks]
+    for i, out in enumerate(outs):
+        text = prompts.planner_prefix + out.text  # the prefilled "1." is part of the blueprint text
+        subgoals, valid = parse_output(text, cfg.max_subgoals)
+        groups[i // n].append(Blueprint(i // n, flat[i], out.ids, text, subgoals, valid, temp))
+    return groups
+
+
+def training_rows(blueprints: list[Blueprint], advantages: list[float], sample_offset: int = 0) -> list[Row]:
+    """One row per blueprint; only blueprint tokens are trained (Phase A, line 9)."""
+    return [Row(b.prompt_ids, b.completion_ids, BLUEPRINT, sample_offset + i, float(a), b.temperature)
+            for i, (b, a) in enumerate(zip(blueprints, advantages))]

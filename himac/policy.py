@@ -1,0 +1,137 @@
+"""The shared policy pi_theta: chat encoding, batched generation and the training forward.
+
+Planner and executor are the same model (paper §3.2, Fig. 1b); they differ only in
+the prompts they build. This wrapper hides the tokenizer/padding details:
+- generation left-pads a batch of prompts and samples with plain temperature
+  sampling (top-k and top-p off), so the sampling distribution is the pi whose
+  log-probs the update computes; greedy when temperature is 0;
+- `logprobs` lays each training row out as [left pad | prompt | completion |
+  right pad], passes explicit position ids (left padding would otherwise shift
+  RoPE positions relative to generation) and asks the model for logits only at
+  completion positions (`logits_to_keep`), which skips the LM head over prompts:
+  on SmolLM2 the head is 28M of 135M parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated token ids, up to and including the stop token if one came
+    text: str  # decoded, special tokens removed
+
+
+class Policy:
+    def __init__(self, model, tokenizer, gen_batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gen_batch_size = gen_batch_size
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = sorted({tokenizer.eos_token_id, *self._config_eos()})
+        self._newline_ids: list[int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _config_eos(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def newline_ids(self) -> list[int]:
+        """Every token whose text contains a newline (merged tokens like '.\\n' included)."""
+        if self._newline_ids is None:
+            vocab = len(self.tokenizer)
+            self._newline_ids = [i for i in range(vocab) if "\n" in self.tokenizer.decode([i])]
+        return self._newline_ids
+
+    # -- prompts -------------------------------------------------------------------
+    def encode(self, messages: list[dict], prefix: str = "") -> list[int]:
+        """Chat messages -> prompt token ids ending with the assistant turn header (+ a prefilled prefix)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if prefix:
+            ids += self.tokenizer.encode(prefix, add_special_tokens=False)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- generation ----------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 stop_at_newline: bool = False) -> list[Completion]:
+        """Sample (temperature > 0) or greedily decode one completion per prompt."""
+        stop = set(self.eos_ids) | (set(self.newline_ids()) if stop_at_newline else set())
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+            top_p=1.0 if temperature > 0 else None, eos_token_id=sorted(stop), pad_token_id=self.pad_id)
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Completion] = []
+        try:
+            for start in range(0, len(prompts), self.gen_batch_size):
+                chunk = prompts[start:start + self.gen_batch_size]
+                ids, mask = self._left_pad(chunk)  # (b, P)
+                seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                for row in seqs[:, ids.shape[1]:].tolist():  # (b, <=max_new_tokens)
+                    cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+                    out.append(Completion(row[:cut], self.decode(row[:cut])))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- training forward ----------------------------------------------------------
+    def logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                 temperatures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(completion token | prompt, earlier completion tokens) for a batch of rows.
+
+        Returns (logp, mask), both (R, C) with C the longest completion; mask is 1 on
+        real completion tokens. Gradients flow when called outside no_grad.
+        """
+        R = len(prompts)
+        P = max(len(p) for p in prompts)
+        C = max(max(len(c) for c in completions), 1)
+        ids = torch.full((R, P + C), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((R, P + C), dtype=torch.long)
+        mask = torch.zeros((R, C), dtype=torch.float32)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[i, P - len(p):P + len(c)] = 1
+            mask[i, :len(c)] = 1
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (R, P+C)
+        # Inputs drop the last position: logits at position t score token t+1, and we
+        # need scores for completion tokens P..P+C-1, i.e. logits at P-1..P+C-2.
+        logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                            position_ids=positions[:, :-1], logits_to_keep=C, use_cache=False).logits
+        logits = logits.float()  # (R, C, V)
+        if temperatures is not None:
+            logits = logits / temperatures.to(logits.device)[:, None, None]
+        targets = ids[:, P:]  # (R, C)
+        logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (R, C)
+        return logp, mask
+
+    @contextlib.contextmanager
+    def reference(self):
+        """pi_ref: the same weights with the LoRA adapter switched off (no second copy)."""
+        with self.model.disable_adapter():
+            yield

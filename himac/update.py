@@ -1,0 +1,168 @@
+"""The policy-gradient step shared by both levels: rows in, one optimiser step out.
+
+A `Row` is one (prompt, completion) pair the policy generated: a blueprint
+(kind BLUEPRINT, one row per blueprint) or one executor turn (kind ACTION, many
+rows per trajectory). `policy_update` trains only the completion tokens of rows
+whose kind is selected, which is how Phase A touches blueprint tokens only and
+Phase B action tokens only (Algorithm 1, lines 9 and 14); the "w/o co-evolution"
+ablation selects both kinds in one step.
+
+Memory does not grow with G or M: rows are processed in micro-batches of
+`micro_batch_size`, gradients accumulate, and the loss weights are fixed for the
+whole batch first (groups.sample_token_weights), so accumulation is exact.
+
+With one optimiser step per phase (ppo_epochs = mini_batches = 1, the default),
+pi_theta_old equals pi_theta at the time of the gradient, so old log-probs are
+the detached current ones and no extra forward pass is spent; with more steps
+they are computed once, before the first step, as PPO does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from himac import groups
+from himac.policy import Policy
+
+BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    kind: int  # BLUEPRINT or ACTION
+    sample: int  # blueprint / trajectory id; rows of one trajectory share it
+    advantage: float
+    temperature: float = 1.0  # sampling temperature, applied to logits in the update
+
+
+@dataclass
+class UpdateConfig:
+    lr: float = 1e-5
+    """AdamW learning rate of the LoRA parameters."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_eps: float = 0.2
+    """epsilon of the clipped ratio in Eq. 3."""
+    kl_beta: float = 0.01
+    """beta of the KL penalty in Eq. 3 (paper: 0.01). 0 skips the reference forward."""
+    adv_eps: float = 1e-6
+    """epsilon in the denominator of Eq. 2."""
+    adv_scale_std: bool = True
+    """Divide by the group std in Eq. 2 (False: mean-centred returns only, as in Dr. GRPO)."""
+    micro_batch_size: int = 8
+    """Rows per forward/backward; gradients accumulate across micro-batches."""
+    ppo_epochs: int = 1
+    """Passes over a phase's rows."""
+    mini_batches: int = 1
+    """Optimiser steps per pass; samples are split between them whole."""
+
+    def __post_init__(self):
+        from himac.config import check
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must be in (0, 1)")
+        check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
+        check(self.adv_eps > 0, "adv_eps", self.adv_eps, "must be > 0")
+        check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
+        check(self.mini_batches >= 1, "mini_batches", self.mini_batches, "must be >= 1")
+
+
+def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (is the LoRA adapter attached?)")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def row_weights(rows: list[Row], kinds: set[int]) -> torch.Tensor:
+    """(R, C) token weights over the rows of one optimiser step; unselected kinds weigh 0."""
+    C = max(len(r.completion_ids) for r in rows)
+    mask = torch.zeros(len(rows), C)
+    for i, r in enumerate(rows):
+        if r.kind in kinds:
+            mask[i, :len(r.completion_ids)] = 1
+    samples = torch.tensor([r.sample for r in rows])
+    return groups.sample_token_weights(mask, samples)  # (R, C)
+
+
+def rows_loss(policy: Policy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
+              old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice."""
+    prompts = [r.prompt_ids for r in rows]
+    completions = [r.completion_ids for r in rows]
+    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
+    logp, mask = policy.logprobs(prompts, completions, temps)  # (R, C) with grad
+    C = logp.shape[1]
+    w = weights[:, :C].to(logp.device) * mask  # (R, C)
+    ref = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), policy.reference():
+            ref, _ = policy.logprobs(prompts, completions, temps)  # (R, C)
+    old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
+    adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
+    return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
+
+
+def _split_samples(rows: list[Row], parts: int) -> list[list[Row]]:
+    ids = sorted({r.sample for r in rows})
+    bucket = {s: i * parts // len(ids) for i, s in enumerate(ids)}
+    out = [[r for r in rows if bucket[r.sample] == k] for k in range(parts)]
+    return [part for part in out if part]
+
+
+def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[Row],
+                  cfg: UpdateConfig, kinds: set[int]) -> dict[str, float]:
+    """Clipped-surrogate update on the completion tokens of `rows` whose kind is in `kinds`."""
+    rows = [r for r in rows if r.kind in kinds and r.completion_ids]
+    if not rows:
+        return {}
+    t0 = time.perf_counter()
+    policy.model.train()
+    steps = cfg.ppo_epochs * cfg.mini_batches
+    old: dict[int, torch.Tensor] = {}
+    if steps > 1:  # pi_old must be frozen before the first step changes theta
+        with torch.no_grad():
+            for chunk in _chunks(rows, cfg.micro_batch_size):
+                temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in chunk])
+                lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], temps)
+                for r, row_lp in zip(chunk, lp):
+                    old[id(r)] = row_lp.cpu()
+    totals = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
+    tokens, done_steps = 0.0, 0
+    for _ in range(cfg.ppo_epochs):
+        for part in _split_samples(rows, cfg.mini_batches):
+            part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
+            weights = row_weights(part, kinds)  # (R, C) fixed before micro-batching
+            for start in range(0, len(part), cfg.micro_batch_size):
+                chunk = part[start:start + cfg.micro_batch_size]
+                old_lp = None
+                if old:
+                    width = max(len(r.completion_ids) for r in chunk)
+                    old_lp = torch.stack([torch.nn.functional.pad(old[id(r)], (0, width - old[id(r)].numel()))
+                                          for r in chunk])
+                loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp)
+                loss.backward()
+                n = float(stats["tokens"])
+                totals["loss"] += float(loss.detach())
+                for k in ("kl", "clipfrac", "ratio_mean"):
+                    totals[k] += float(stats[k]) * n
+                tokens += n
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done_steps += 1
+    out = {"loss": totals["loss"] / done_steps, "grad_norm": totals["grad_norm"] / done_steps,
+           "tokens": tokens / cfg.ppo_epochs, "update_s": time.perf_counter() - t0}
+    for k in ("kl", "clipfrac", "ratio_mean"):
+        out[k] = totals[k] / max(tokens, 1.0)
+    return out
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
