@@ -191,6 +191,23 @@ def model_path(cfg: ModelConfig) -> str:
 
 
 # -- loading -------------------------------------------------------------------
+def _no_cpu_inference_repacking(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for AVX512-BF16 inference.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight the first time it runs in eval
+    mode on such a CPU, never unpacks it, and serves the packed weight with an
+    inference-only kernel that has no autograd and adds the bias in place. Training
+    after generation (which RL does every phase) then fails on biased layers
+    (Qwen2 q/k/v) or, on bias-free ones, silently drops the gradient through the
+    frozen weight. tests/test_models.py checks the gradient is unchanged.
+    """
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+
 def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     """Base model (optionally NF4) + trainable LoRA adapter, and its tokenizer.
 
@@ -209,7 +226,9 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", *cfg.quant_skip_modules])
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not cfg.load_in_4bit:
+    if cfg.load_in_4bit:
+        _no_cpu_inference_repacking(model)
+    else:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
