@@ -142,6 +142,29 @@ def _cornered(walls: np.ndarray, cell: tuple[int, int]) -> bool:
     return bool(vertical and horizontal)
 
 
+def parse_room(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of render_text: an ASCII map (same symbols) -> (room_fixed, room_state)."""
+    rows = [r for r in text.strip("\n").splitlines()]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("every row of a Sokoban map must have the same width")
+    code = {v: k for k, v in SYMBOLS.items()}
+    fixed = np.zeros((len(rows), len(rows[0])), dtype=np.int8)
+    state = np.zeros_like(fixed)
+    for r, row in enumerate(rows):
+        for c, ch in enumerate(row):
+            if ch == PLAYER_ON_TARGET:
+                fixed[r, c], state[r, c] = TARGET, PLAYER
+            elif ch in code:
+                cell = code[ch]
+                state[r, c] = cell
+                fixed[r, c] = {BOX_ON: TARGET, BOX: FLOOR, PLAYER: FLOOR}.get(cell, cell)
+            else:
+                raise ValueError(f"unknown Sokoban map symbol {ch!r} at row {r}, column {c}")
+    if (state == PLAYER).sum() != 1:
+        raise ValueError("a Sokoban map needs exactly one player")
+    return fixed, state
+
+
 def render_text(room_fixed: np.ndarray, room_state: np.ndarray) -> str:
     rows = []
     for r in range(room_state.shape[0]):
@@ -167,11 +190,20 @@ class SokobanEnv:
 
     # -- episode ---------------------------------------------------------------
     def reset(self, seed: int) -> Obs:
-        self.room_fixed, self.room_state, solution = generate(self.cfg, seed)
-        self.optimal_moves = len(solution)
+        fixed, state, solution = generate(self.cfg, seed)
+        return self.load(fixed, state, len(solution))
+
+    def load(self, room_fixed: np.ndarray, room_state: np.ndarray, optimal_moves: int | None = None) -> Obs:
+        """Start an episode on a given room (hand-made levels, tests); reset(seed) generates one."""
+        self.room_fixed, self.room_state = room_fixed.astype(np.int8).copy(), room_state.astype(np.int8).copy()
+        if optimal_moves is None:
+            solution = solve(self.room_fixed, self.room_state)
+            optimal_moves = None if solution is None else len(solution)
+        self.optimal_moves = optimal_moves
         self.steps = 0
         self.boxes_on_target = self._count_on_target()
-        n = self.cfg.num_boxes
+        self.num_boxes = int(np.sum((self.room_state == BOX) | (self.room_state == BOX_ON)))
+        n = self.num_boxes
         self.task = f"Push {'the box' if n == 1 else f'all {n} boxes'} onto {'the target' if n == 1 else 'the targets'}."
         return self._obs("The puzzle begins.")
 
@@ -192,7 +224,7 @@ class SokobanEnv:
         elif on_target < self.boxes_on_target:
             reward += BOX_OFF_PENALTY
         self.boxes_on_target = on_target
-        solved = on_target == self.cfg.num_boxes
+        solved = on_target == self.num_boxes
         if solved:
             reward += SOLVED_REWARD
             feedback += " Every box is on a target: solved."

@@ -53,6 +53,8 @@ class RunConfig:
     """B: tasks per iteration; each is its own macro group and micro group."""
     seed: int = 0
     """Seeds the model's sampling and the training tasks; same seed, same tasks."""
+    task_pool: int = 0
+    """0: fresh tasks every iteration; N: a fixed training set of N tasks, visited in turn."""
     gen_batch_size: int = 16
     """Prompts per generate() call."""
     save_every: int = 1
@@ -71,6 +73,7 @@ class RunConfig:
         C.check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
         C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
 
 
 @dataclass
@@ -105,9 +108,20 @@ def load_config(path: str | Path | None, overrides: dict | None = None, base: di
     return Config(**C.route(flat, sections(env_name), str(path or "the run's config.yaml")))
 
 
-def task_seed(seed: int, iteration: int, index: int) -> int:
-    """Env seed of training task `index` of `iteration`: reproducible, and apart from eval seeds."""
-    return int(np.random.SeedSequence([seed, iteration, index]).generate_state(1)[0])
+POOL_SALT = 10**9  # keeps pool seeds apart from per-iteration seeds (no run has 10**9 iterations)
+
+
+def task_seeds(cfg: RunConfig, iteration: int) -> list[int]:
+    """Env seeds of the iteration's B training tasks: reproducible, and apart from eval seeds.
+
+    With a task pool the iteration takes the next B of the N fixed tasks, cyclically.
+    """
+    B = cfg.tasks_per_iteration
+    if cfg.task_pool:
+        keys = [[cfg.seed, POOL_SALT, (iteration * B + b) % cfg.task_pool] for b in range(B)]
+    else:
+        keys = [[cfg.seed, iteration, b] for b in range(B)]
+    return [int(np.random.SeedSequence(k).generate_state(1)[0]) for k in keys]
 
 
 class Trainer:
@@ -130,7 +144,7 @@ class Trainer:
         G, M, B = cfg.planner.group_size, cfg.executor.rollouts_per_blueprint, cfg.run.tasks_per_iteration
         timings: dict = {}
         phase = _Phases(bar)
-        seeds = [task_seed(cfg.run.seed, t, b) for b in range(B)]  # line 2: x ~ D
+        seeds = task_seeds(cfg.run, t)  # line 2: x ~ D
 
         # Phase A: macro exploration ------------------------------------------------------
         phase("A: blueprints")
@@ -254,7 +268,7 @@ class Trainer:
         t_start = time.perf_counter()
         for t in bar:
             tic = time.perf_counter()
-            with tqdm(total=5, desc=f"iteration {t}", leave=False, dynamic_ncols=True) as inner:
+            with tqdm(total=5, desc=f"iteration {t}", leave=False, dynamic_ncols=True, disable=None) as inner:
                 metrics, samples = self.iteration(t, inner)
             metrics["wall_s"] = time.perf_counter() - tic
             metrics["elapsed_s"] = time.perf_counter() - t_start

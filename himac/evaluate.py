@@ -5,7 +5,7 @@
 episodes can run on the training model or on an exported one.
 
 Held-out seeds come from `eval_seeds`, a stream disjoint from the training
-tasks' (coevolve.task_seed), so "success" here is on rooms never trained on.
+tasks' (coevolve.task_seeds), so "success" here is on rooms never trained on.
 """
 from __future__ import annotations
 

@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from himac.models import ModelConfig
+    return ModelConfig(model="tiny", lora_r=8, lora_alpha=16)
+
+
+@pytest.fixture
+def tiny_policy(tiny_cfg):
+    """A fresh random tiny Qwen2 (test-only) with a LoRA adapter, wrapped as the shared policy."""
+    from himac import models
+    from himac.policy import Policy
+    torch.manual_seed(0)
+    model, tok = models.load(tiny_cfg)
+    return Policy(model, tok, gen_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_cfg):
+    from transformers import AutoTokenizer
+
+    from himac import models
+    return AutoTokenizer.from_pretrained(models.model_path(tiny_cfg))
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,189 @@
+"""Sokoban dynamics, rewards, seeding and the BFS solver, on hand-made rooms, and
+cross-checked against gym-sokoban's own SokobanEnv."""
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+from envs.sokoban import (BOX, BOX_ON, PLAYER, SokobanConfig, SokobanEnv, generate, parse_action, parse_room,
+                          render_text, solve)
+
+
+def make(text: str, max_steps: int = 15) -> SokobanEnv:
+    env = SokobanEnv(SokobanConfig(max_steps=max_steps))
+    env.load(*parse_room(text))
+    return env
+
+
+def player(env):
+    return tuple(np.argwhere(env.room_state == PLAYER)[0])
+
+
+def test_render_parses_back():
+    text = "#####\n#@$.#\n#_*_#\n#####"
+    fixed, state = parse_room(text)
+    assert render_text(fixed, state) == text
+
+
+def test_walk_and_wall():
+    env = make("#######\n#@__$.#\n#######")
+    obs, r, done, info = env.step("left")  # wall
+    assert player(env) == (1, 1) and r == pytest.approx(-0.1) and not done
+    assert "wall" in obs.feedback
+    obs, r, done, _ = env.step("right")
+    assert player(env) == (1, 2) and r == pytest.approx(-0.1)
+    assert obs.text == "#######\n#_@_$.#\n#######"
+
+
+def test_push_box_onto_target_solves_with_gym_reward():
+    env = make("######\n#@$_.#\n######")
+    _, r, done, info = env.step("right")
+    assert r == pytest.approx(-0.1) and not done  # box moved, not yet on the target
+    _, r, done, info = env.step("right")
+    assert r == pytest.approx(-0.1 + 1 + 10) and done and info["success"]
+    assert env.text() == "######\n#__@*#\n######"
+
+
+def test_box_against_wall_or_box_does_not_move():
+    env = make("#####\n#@$##\n#####")
+    env.step("right")
+    assert player(env) == (1, 1) and env.room_state[1, 2] == BOX
+    env = make("######\n#@$$.#\n######")
+    obs, r, _, _ = env.step("right")
+    assert player(env) == (1, 1) and r == pytest.approx(-0.1)
+    assert "cannot move" in obs.feedback
+
+
+def test_push_box_off_target_costs_one():
+    env = make("#######\n#@*_..#\n#__$__#\n#######")  # two boxes, one on a target
+    assert env.boxes_on_target == 1
+    _, r, done, _ = env.step("right")
+    assert r == pytest.approx(-0.1 - 1) and not done
+    assert env.room_state[1, 3] == BOX and env.boxes_on_target == 0
+
+
+def test_invalid_action_costs_a_step_and_changes_nothing():
+    env = make("#####\n#@$.#\n#####", max_steps=2)
+    before = env.room_state.copy()
+    obs, r, done, _ = env.step(None)
+    assert (env.room_state == before).all() and r == pytest.approx(-0.1) and not done
+    assert "Invalid" in obs.feedback
+    _, _, done, info = env.step(None)
+    assert done and not info["success"]  # max_steps reached
+
+
+def test_unknown_action_is_an_error():
+    with pytest.raises(ValueError, match="north"):
+        make("#####\n#@$.#\n#####").step("north")
+
+
+def test_deadlock_reported_for_cornered_box():
+    env = make("#####\n#.__#\n#__$#\n#__@#\n#####")
+    obs, _, _, _ = env.step("left")
+    assert "Deadlock" not in obs.feedback
+    env = make("#####\n#.__#\n#__$#\n#__@#\n#####")
+    obs, _, _, _ = env.step("up")  # box into the top-right corner, off target
+    assert "Deadlock" in obs.feedback
+
+
+def test_parse_action():
+    assert parse_action("up") == ("up", True)
+    assert parse_action("Direction: Right.") == ("right", True)
+    assert parse_action("left, left") == ("left", True)
+    assert parse_action("up or down") == (None, False)
+    assert parse_action("<sub_done>") == (None, False)
+    assert parse_action("") == (None, False)
+    assert parse_action("upward") == (None, False)  # whole words only
+
+
+# -- BFS solver --------------------------------------------------------------------------------
+@pytest.mark.parametrize("room,optimum", [
+    ("#####\n#@$.#\n#####", 1),
+    ("######\n#@_$.#\n######", 2),
+    # the player walks round to the box's far side (left, left, left, up) and pushes right once
+    ("######\n#_$.##\n#___@#\n######", 5),
+    ("#####\n#@*_#\n#####", 0),
+])
+def test_solver_optimum_on_hand_made_rooms(room, optimum):
+    fixed, state = parse_room(room)
+    plan = solve(fixed, state)
+    assert plan is not None and len(plan) == optimum
+    env = SokobanEnv(SokobanConfig())
+    env.load(fixed, state)
+    info = {"success": optimum == 0}
+    for a in plan:
+        _, _, _, info = env.step(a)
+    assert info["success"]
+
+
+def test_solver_detects_unsolvable():
+    fixed, state = parse_room("#####\n#$_.#\n#@__#\n#####")  # box in a corner
+    assert solve(fixed, state) is None
+
+
+# -- generation and seeding ----------------------------------------------------------------------
+def test_same_seed_same_room_and_global_rng_untouched():
+    cfg = SokobanConfig()
+    random.seed(123)
+    np.random.seed(123)
+    expect_py, expect_np = random.random(), np.random.rand()
+    random.seed(123)
+    np.random.seed(123)
+    a = SokobanEnv(cfg).reset(42).text
+    assert random.random() == expect_py and np.random.rand() == expect_np
+    assert SokobanEnv(cfg).reset(42).text == a
+    others = {SokobanEnv(cfg).reset(s).text for s in range(43, 53)}
+    assert len(others) > 5
+
+
+def test_difficulty_filter_and_optimal_moves():
+    cfg = SokobanConfig(min_solution_moves=3, max_solution_moves=5)
+    for seed in range(15):
+        env = SokobanEnv(cfg)
+        env.reset(seed)
+        assert 3 <= env.optimal_moves <= 5
+        assert len(solve(env.room_fixed, env.room_state)) == env.optimal_moves
+
+
+def test_generated_rooms_code_boxes_on_targets():
+    for seed in range(30):
+        fixed, state, _ = generate(SokobanConfig(room_size=7, num_boxes=2), seed)
+        on_target = fixed == 2
+        assert not ((state == BOX) & on_target).any()
+        assert not ((state == BOX_ON) & ~on_target).any()
+
+
+def test_bad_config_names_the_key():
+    from himac.config import ConfigError
+    with pytest.raises(ConfigError, match="max_solution_moves"):
+        SokobanConfig(min_solution_moves=4, max_solution_moves=2)
+
+
+# -- cross-check against gym-sokoban's SokobanEnv --------------------------------------------------
+def test_dynamics_match_gym_sokoban_on_random_actions():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from gym_sokoban.envs.sokoban_env import SokobanEnv as GymSokoban
+    rng = np.random.default_rng(0)
+    names = ["up", "down", "left", "right"]
+    checked = 0
+    for seed in range(12):
+        cfg = SokobanConfig(room_size=7, num_boxes=2, max_steps=40)
+        ours = SokobanEnv(cfg)
+        ours.reset(seed)
+        gym = GymSokoban(dim_room=ours.room_fixed.shape, max_steps=40, num_boxes=2, reset=False)
+        gym.room_fixed, gym.room_state = ours.room_fixed.copy(), ours.room_state.copy()
+        gym.player_position = np.argwhere(gym.room_state == PLAYER)[0]
+        gym.num_env_steps, gym.reward_last = 0, 0
+        gym.boxes_on_target = ours.boxes_on_target  # gym starts at 0 (departure (1) in envs/sokoban.py)
+        for _ in range(40):
+            a = names[rng.integers(4)]
+            _, r_ours, d_ours, _ = ours.step(a)
+            _, r_gym, d_gym, _ = gym.step(1 + names.index(a))  # gym's push actions 1..4
+            assert (ours.room_state == gym.room_state).all()
+            assert r_ours == pytest.approx(r_gym) and d_ours == d_gym
+            checked += 1
+            if d_ours:
+                break
+    assert checked > 100

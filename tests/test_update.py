@@ -1,0 +1,151 @@
+"""The update on a real (tiny, random, test-only) model: phase masks, exact micro-batching,
+padding-invariant log-probs, and pi_ref = the adapter switched off."""
+import pytest
+import torch
+
+from himac.update import ACTION, BLUEPRINT, Row, UpdateConfig, make_optimizer, policy_update, row_weights, rows_loss
+
+
+def rows_for(policy):
+    enc = policy.tokenizer.encode
+    p1 = policy.encode([{"role": "user", "content": "Map: #@$.# Task: push the box."}], "1.")
+    p2 = policy.encode([{"role": "user", "content": "Sub-goal 1/2: push the box right. Which way?"}], "Direction:")
+    p3 = policy.encode([{"role": "user", "content": "Go"}])
+    return [
+        Row(p1, enc(" Push the box right.\n2. Done"), BLUEPRINT, 0, 1.0),
+        Row(p2, enc(" right"), ACTION, 1, -0.5),
+        Row(p3, enc(" left<sub_done>"), ACTION, 1, -0.5),
+        Row(p2, enc(" up"), ACTION, 2, 0.8),
+    ]
+
+
+def logits_grads(policy, rows, kinds):
+    """Loss of one phase over all rows; returns d loss / d logits, (R, C, V)."""
+    captured = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    handle = policy.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        loss, _ = rows_loss(policy, rows, row_weights(rows, kinds), UpdateConfig(kl_beta=0.0))
+        loss.backward()
+    finally:
+        handle.remove()
+    policy.model.zero_grad(set_to_none=True)
+    return captured["logits"].grad
+
+
+def test_phase_a_has_no_gradient_through_action_tokens(tiny_policy):
+    rows = rows_for(tiny_policy)
+    grad = logits_grads(tiny_policy, rows, {BLUEPRINT})
+    per_row = grad.abs().sum(dim=(1, 2))
+    assert per_row[0] > 0
+    assert per_row[1:].sum().item() == 0.0
+
+
+def test_phase_b_has_no_gradient_through_blueprint_tokens(tiny_policy):
+    rows = rows_for(tiny_policy)
+    grad = logits_grads(tiny_policy, rows, {ACTION})
+    per_row = grad.abs().sum(dim=(1, 2))
+    assert per_row[0].item() == 0.0
+    assert (per_row[1:] > 0).all()
+
+
+def test_prompt_and_padding_positions_get_no_gradient(tiny_policy):
+    rows = rows_for(tiny_policy)
+    grad = logits_grads(tiny_policy, rows, {BLUEPRINT, ACTION})  # (R, C, V)
+    for i, r in enumerate(rows):
+        n = len(r.completion_ids)
+        assert grad[i, :n].abs().sum() > 0
+        assert grad[i, n:].abs().sum().item() == 0.0
+
+
+def lora_grads(policy):
+    return {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_two_micro_batches_give_the_gradient_of_one_batch(tiny_policy):
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so the KL term and ref differ from pi
+        for n, p in tiny_policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows = rows_for(tiny_policy)
+    cfg = UpdateConfig(kl_beta=0.05)
+    kinds = {BLUEPRINT, ACTION}
+    w = row_weights(rows, kinds)
+    loss, _ = rows_loss(tiny_policy, rows, w, cfg)
+    loss.backward()
+    full = lora_grads(tiny_policy)
+    tiny_policy.model.zero_grad(set_to_none=True)
+    # different splits pad to different widths; the sum must not change
+    total = 0.0
+    for part in ([0, 3], [1, 2]):
+        sub = [rows[i] for i in part]
+        l, _ = rows_loss(tiny_policy, sub, w[part], cfg)
+        l.backward()
+        total += l.item()
+    split = lora_grads(tiny_policy)
+    assert total == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    assert full.keys() == split.keys() and full
+    for n in full:
+        assert torch.allclose(full[n], split[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_logprobs_do_not_depend_on_padding(tiny_policy):
+    rows = rows_for(tiny_policy)
+    alone, _ = tiny_policy.logprobs([rows[2].prompt_ids], [rows[2].completion_ids])
+    batch, mask = tiny_policy.logprobs([r.prompt_ids for r in rows], [r.completion_ids for r in rows])
+    n = len(rows[2].completion_ids)
+    assert mask[2, :n].sum() == n and mask[2, n:].sum() == 0
+    assert torch.allclose(alone[0, :n], batch[2, :n], atol=1e-5)
+
+
+def test_logprobs_match_a_plain_forward(tiny_policy):
+    row = rows_for(tiny_policy)[1]
+    ids = torch.tensor([row.prompt_ids + row.completion_ids])
+    with torch.no_grad():
+        logits = tiny_policy.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        lp, _ = tiny_policy.logprobs([row.prompt_ids], [row.completion_ids])
+    P = len(row.prompt_ids)
+    want = torch.stack([logits[P - 1 + j, t] for j, t in enumerate(row.completion_ids)])
+    assert torch.allclose(lp[0], want, atol=1e-5)
+
+
+def test_update_moves_pi_but_not_pi_ref(tiny_policy):
+    rows = rows_for(tiny_policy)
+    cfg = UpdateConfig(lr=2e-3, kl_beta=0.01, micro_batch_size=2)
+    prompts, comps = [r.prompt_ids for r in rows], [r.completion_ids for r in rows]
+    with torch.no_grad():
+        before, _ = tiny_policy.logprobs(prompts, comps)
+        with tiny_policy.reference():
+            ref_before, _ = tiny_policy.logprobs(prompts, comps)
+    opt = make_optimizer(tiny_policy.model, cfg)
+    stats = policy_update(tiny_policy, opt, rows, cfg, {BLUEPRINT, ACTION})
+    stats = policy_update(tiny_policy, opt, rows, cfg, {BLUEPRINT, ACTION})
+    with torch.no_grad():
+        after, mask = tiny_policy.logprobs(prompts, comps)
+        with tiny_policy.reference():
+            ref_after, _ = tiny_policy.logprobs(prompts, comps)
+    assert torch.allclose(ref_before, ref_after)  # the adapter-free model is untouched
+    assert (after - before).abs().max() > 1e-4
+    assert stats["kl"] > 0
+    # a small step raises the surrogate sum w * A * log pi (rows share tokens, so not every row must move)
+    w = row_weights(rows, {BLUEPRINT, ACTION})[:, :after.shape[1]]
+    adv = torch.tensor([r.advantage for r in rows])[:, None]
+    assert (w * adv * (after - before) * mask).sum() > 0
+
+
+def test_multiple_ppo_steps_use_a_frozen_old_policy(tiny_policy):
+    rows = rows_for(tiny_policy)
+    cfg = UpdateConfig(lr=5e-2, kl_beta=0.0, ppo_epochs=2, mini_batches=2, micro_batch_size=4)
+    stats = policy_update(tiny_policy, make_optimizer(tiny_policy.model, cfg), rows, cfg, {BLUEPRINT, ACTION})
+    assert stats["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # later steps see pi != pi_old
+
+
+def test_update_with_no_selected_rows_is_a_no_op(tiny_policy):
+    rows = [r for r in rows_for(tiny_policy) if r.kind == ACTION]
+    opt = make_optimizer(tiny_policy.model, UpdateConfig())
+    assert policy_update(tiny_policy, opt, rows, UpdateConfig(), {BLUEPRINT}) == {}
