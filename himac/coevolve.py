@@ -282,6 +282,7 @@ class Trainer:
                 run.log(s, "samples.jsonl")
             if last or (t + 1) % cfg.run.save_every == 0:
                 run.save_checkpoint(self.policy.model, self.optimizer, t)
+                run.plot()
             bar.set_postfix(success=f"{metrics['success_rate']:.2f}", ret=f"{metrics['macro/return_mean']:.2f}",
                             wall=f"{metrics['wall_s']:.0f}s")
             history.append(metrics)
@@ -319,7 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set lr=1e-4 (repeatable)")
+    ap.add_argument("--keys", metavar="ENV", nargs="?", const="sokoban",
+                    help="print every config key for ENV (default sokoban) with its default and meaning, then exit")
     args = ap.parse_args(argv)
+    if args.keys:
+        try:
+            print(C.describe(sections(args.keys)))
+        except C.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         overrides = C.parse_overrides(args.overrides)
         if args.resume:

@@ -11,9 +11,12 @@ Unknown keys, wrong types and bad values raise `ConfigError` naming the key.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -137,3 +140,25 @@ def to_flat(sections: dict[str, Any]) -> dict[str, Any]:
     for obj in sections.values():
         flat.update(dataclasses.asdict(obj))
     return flat
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (the convention in this codebase)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe(sections: dict[str, type]) -> str:
+    """A markdown table of every key: section, name, default, meaning."""
+    rows = ["| key | section | default | meaning |", "|---|---|---|---|"]
+    for name, cls in sections.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{f.name}` | {name} | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)

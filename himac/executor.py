@@ -55,6 +55,8 @@ class ExecutorConfig:
     """Added (on top of the env's step cost) for an answer that is no valid action."""
     history_window: int = 4
     """Most recent steps of the current segment shown to the executor."""
+    max_prompt_tokens: int = 0
+    """Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit. 0: none."""
     sub_done: bool = True
     """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
 
@@ -66,6 +68,7 @@ class ExecutorConfig:
         check(self.executor_temperature > 0, "executor_temperature", self.executor_temperature,
               "must be > 0 (Phase B samples; Phase A is greedy by design)")
         check(self.history_window >= 0, "history_window", self.history_window, "must be >= 0")
+        check(self.max_prompt_tokens >= 0, "max_prompt_tokens", self.max_prompt_tokens, "must be >= 0")
 
 
 @dataclass
@@ -147,10 +150,7 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
 
     while live:
         t0 = time.perf_counter()
-        prompt_ids = [policy.encode(build_messages(prompts, pool.tasks[x.slot], x.traj.subgoals, x.k,
-                                                   x.history[-cfg.history_window:] if cfg.history_window else [],
-                                                   x.obs, cfg.sub_done), prompts.executor_prefix)
-                      for x in live]
+        prompt_ids = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg) for x in live]
         outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True)
         _add(timings, "generate_s", time.perf_counter() - t0)
         _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
@@ -174,6 +174,17 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
             _apply(x, step, obs, reward, env_done, info, cfg)
         live = [x for x in live if not x.traj.end]
     return ordered
+
+
+def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig) -> list[int]:
+    """This turn's prompt ids; the oldest steps of the segment go first if over max_prompt_tokens."""
+    history = x.history[-cfg.history_window:] if cfg.history_window else []
+    while True:
+        ids = policy.encode(build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
+                            prompts.executor_prefix)
+        if not cfg.max_prompt_tokens or len(ids) <= cfg.max_prompt_tokens or not history:
+            return ids
+        history = history[1:]
 
 
 def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: dict, cfg: ExecutorConfig) -> None:

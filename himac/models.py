@@ -57,8 +57,11 @@ class ModelConfig:
     quant_skip_modules: list[str] = field(default_factory=list)
     """Module-name fragments kept unquantised under 4-bit (lm_head always is)."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scale numerator: the update is (lora_alpha / lora_r) * B @ A."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA input (0 keeps pi_old = pi exact within a phase)."""
     lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
     """peft target_modules; ['all-linear'] adapts every linear layer but the head."""
     gradient_checkpointing: bool = False

@@ -4,6 +4,7 @@
     run.json         seed, command line, package versions, device
     metrics.jsonl    one JSON object per iteration (flat metric names)
     samples.jsonl    a few blueprints and trajectories per iteration, for reading
+    progress.png     success, returns, answer quality and time per iteration, redrawn at each checkpoint
     checkpoint/      adapter/ (peft, safetensors), trainer.pt (optimizer, RNG, iteration)
 
 Checkpoints are written to a temporary directory and renamed into place, so a
@@ -71,9 +72,15 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
+    def metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        path = self.path / name
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def plot(self) -> Path | None:
+        """Redraw progress.png from the logs (no-op before the first iteration)."""
+        from himac.plots import plot_progress
+        metrics = self.metrics()
+        return plot_progress(metrics, self.metrics("eval.jsonl"), self.path / "progress.png") if metrics else None
 
     def drop_metrics_after(self, iteration: int) -> None:
         for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):

@@ -44,7 +44,9 @@ class UpdateConfig:
     lr: float = 1e-5
     """AdamW learning rate of the LoRA parameters."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradient norm clip before each optimiser step."""
     clip_eps: float = 0.2
     """epsilon of the clipped ratio in Eq. 3."""
     kl_beta: float = 0.01

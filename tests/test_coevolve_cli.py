@@ -41,6 +41,7 @@ def test_one_iteration_of_the_cpu_config(tmp_path):
     assert run["seed"] == 0 and run["versions"]["torch"]
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint" / "trainer.pt").is_file()
+    assert (out / "progress.png").stat().st_size > 10_000
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):

@@ -84,3 +84,18 @@ def test_flat_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, "group_size: 5\nroom_size: 8\n"))
     again = load_config(None, base=cfg.flat())
     assert again == cfg
+
+
+def test_every_key_is_documented():
+    for name in REGISTRY:
+        for section, cls in sections(name).items():
+            docs = C.field_docs(cls)
+            missing = [f for f in C.field_names(cls) if not docs.get(f)]
+            assert not missing, f"{section} keys without a docstring: {missing}"
+
+
+def test_keys_flag_prints_the_table(capsys):
+    from himac.coevolve import main
+    assert main(["--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "| `group_size` | planner | `8` |" in out and "| `room_size` | env |" in out

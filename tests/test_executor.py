@@ -117,3 +117,16 @@ def test_real_tiny_model_rollout_terminates_within_budget(tiny_policy):
         assert t.end in {"subgoal_step_limit", "plan_exhausted", "solved", "max_steps"}
         assert t.env_steps <= 2 * 3
         assert all(1 <= len(s.completion_ids) <= 5 for s in t.steps)
+
+
+def test_prompt_budget_drops_the_oldest_segment_steps(tiny_tokenizer):
+    cfg = ExecutorConfig(history_window=10, max_prompt_tokens=0)
+    (_, policy, _) = run(tiny_tokenizer, {4: ["a", "a", "a", "a", "win"]}, cfg)
+    last_unbounded = policy.prompts[-1]
+    n_unbounded = len(tiny_tokenizer.encode(last_unbounded, add_special_tokens=False))
+    cfg = ExecutorConfig(history_window=10, max_prompt_tokens=n_unbounded - 5)
+    (t,), policy, _ = run(tiny_tokenizer, {4: ["a", "a", "a", "a", "win"]}, cfg)
+    last = policy.prompts[-1]
+    assert "fb-4-1" in last_unbounded and "fb-4-1" not in last and "fb-4-4" in last  # oldest step dropped
+    assert len(tiny_tokenizer.encode(last, add_special_tokens=False)) <= n_unbounded - 5
+    assert t.success
