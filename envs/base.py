@@ -69,6 +69,15 @@ class EnvSpec:
     parse_action: Callable[[str], tuple[Any, bool]]
     prompts: Prompts
     task_types: tuple[str, ...] = field(default=())
+    make_pool: Callable[[Any, Any, bool], Any] | None = None
+    """(spec, config, evaluation) -> env pool; None: a SerialPool. `evaluation` is True for
+    the held-out pool (an env with splits points it at its evaluation split)."""
+
+    def pool(self, cfg: Any, evaluation: bool = False):
+        """The env pool for `cfg`: SerialPool unless the env brings its own (e.g. worker processes)."""
+        if self.make_pool is None:
+            return SerialPool(self, cfg)
+        return self.make_pool(self, cfg, evaluation)
 
 
 class SerialPool:

@@ -34,7 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 from envs import get_spec
-from envs.base import SerialPool
 from himac import config as C
 from himac import executor, groups, models, planner
 from himac.evaluate import eval_seeds, evaluate_agent
@@ -135,7 +134,8 @@ class Trainer:
         model, tokenizer = models.load(cfg.model, adapter_dir=adapter)
         self.policy = Policy(model, tokenizer, gen_batch_size=cfg.run.gen_batch_size)
         self.optimizer = make_optimizer(model, cfg.update)
-        self.pool = SerialPool(self.spec, cfg.env)
+        self.pool = self.spec.pool(cfg.env)
+        self._eval_pool = None
         self.start = run.load_trainer_state(self.optimizer) + 1 if resume else 0
 
     # -- Algorithm 1 ------------------------------------------------------------------
@@ -253,8 +253,16 @@ class Trainer:
 
     def evaluate(self, t: int) -> dict:
         seeds = eval_seeds(self.cfg.run.eval_episodes)
-        report = evaluate_agent(self.policy, self.spec, self.pool, seeds, self.cfg.planner, self.cfg.executor)
+        if self._eval_pool is None:
+            self._eval_pool = self.spec.pool(self.cfg.env, evaluation=True)
+        report = evaluate_agent(self.policy, self.spec, self._eval_pool, seeds, self.cfg.planner, self.cfg.executor)
         return {"iteration": t, **{f"eval/{k}": v for k, v in report.items() if k != "episodes"}}
+
+    def close(self) -> None:
+        """Shut the env pools down (worker processes, open games)."""
+        for pool in (self.pool, self._eval_pool):
+            if pool is not None:
+                pool.close()
 
     # -- the loop ---------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -354,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         run.drop_metrics_after(trainer.start - 1)
     run.write_run_info(cfg.run.seed, str(trainer.policy.device))
     print(f"himac: run directory {run.path}  (iterations {trainer.start}..{cfg.run.iterations - 1})", file=sys.stderr)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
     if history:
         last = history[-1]
         print(f"himac: done. last iteration success_rate={last['success_rate']:.3f} "
