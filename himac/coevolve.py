@@ -64,6 +64,15 @@ class RunConfig:
     """Evaluate every this many iterations (0: only before and after)."""
     sample_log: int = 1
     """Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
+    hierarchy: bool = True
+    """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
+    the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
+    coevolution: bool = True
+    """False: the 'w/o co-evolution' ablation: Phase A and B both roll out with the iteration's starting
+    policy and one optimiser step carries the blueprint and the action losses together."""
+    blueprint_choice: str = "best"
+    """Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded uniform pick
+    among the task's valid blueprints: the 'random blueprint' ablation)."""
 
     def __post_init__(self):
         C.check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
@@ -73,6 +82,8 @@ class RunConfig:
         C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
         C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
         C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
+        C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
+                "must be 'best' or 'random'")
 
 
 @dataclass
@@ -108,6 +119,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None, base: di
 
 
 POOL_SALT = 10**9  # keeps pool seeds apart from per-iteration seeds (no run has 10**9 iterations)
+CHOICE_SALT = 31_337  # the random-blueprint ablation's own random stream
 
 
 def task_seeds(cfg: RunConfig, iteration: int) -> list[int]:
@@ -140,6 +152,8 @@ class Trainer:
 
     # -- Algorithm 1 ------------------------------------------------------------------
     def iteration(self, t: int, bar=None) -> tuple[dict, dict]:
+        if not self.cfg.run.hierarchy:
+            return self.flat_iteration(t, bar)
         cfg, prompts = self.cfg, self.spec.prompts
         G, M, B = cfg.planner.group_size, cfg.executor.rollouts_per_blueprint, cfg.run.tasks_per_iteration
         timings: dict = {}
@@ -169,36 +183,89 @@ class Trainer:
                                 else cfg.planner.blueprint_fail_penalty for z in flat_bp])  # (B*G,)
         success = [z.valid and greedy[unique[(z.task, tuple(z.subgoals))]].success for z in flat_bp]
         macro_groups = torch.arange(B).repeat_interleave(G)  # (B*G,)
-        adv_macro = groups.group_advantages(returns, macro_groups, cfg.update.adv_scale_std, cfg.update.adv_eps)  # line 8
-        phase("A: update")
-        rows = planner.training_rows(flat_bp, adv_macro.tolist())
-        m_macro = policy_update(self.policy, self.optimizer, rows, cfg.update, {BLUEPRINT})  # line 9
+        adv_macro = self._advantages(returns, macro_groups)  # line 8
+        rows_a = planner.training_rows(flat_bp, adv_macro.tolist())
+        m_macro: dict = {}
+        if cfg.run.coevolution:
+            phase("A: update")
+            m_macro = policy_update(self.policy, self.optimizer, rows_a, cfg.update, {BLUEPRINT})  # line 9
+        else:
+            phase("A: (update deferred)")
 
         # Phase B: micro adaptation -------------------------------------------------------
         phase("B: rollouts")
-        z_star = {}
-        for b in range(B):  # line 11, Eq. 4: first of the highest-return valid blueprints
-            valid = [i for i in range(G) if blueprints[b][i].valid]
-            if valid:
-                z_star[b] = blueprints[b][max(valid, key=lambda i: (float(returns[b * G + i]), -i))]
+        z_star = choose_blueprints(blueprints, returns, cfg.run.blueprint_choice,
+                                   key=[cfg.run.seed, CHOICE_SALT, t])  # line 11, Eq. 4
         tasks_b = sorted(z_star)
         episodes_b = [(b, z_star[b].subgoals) for b in tasks_b for _ in range(M)]
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes_b], episodes_b, cfg.executor, greedy=False,
                                     timings=timings)  # line 12
         m_micro, adv_micro = {}, torch.zeros(0)
+        rows_b = []
         if sampled:
-            ret_b = torch.tensor([tr.ret for tr in sampled])  # (|tasks_b|*M,)
-            adv_micro = groups.group_advantages(ret_b, torch.tensor([tr.task for tr in sampled]),
-                                                cfg.update.adv_scale_std, cfg.update.adv_eps)  # line 13
-            phase("B: update")
-            rows = executor.training_rows(sampled, adv_micro.tolist())
-            m_micro = policy_update(self.policy, self.optimizer, rows, cfg.update, {ACTION})  # line 14
+            adv_b = trajectory_advantages(sampled, cfg.update)  # line 13
+            adv_micro = torch.tensor([a for per in adv_b for a in (per if isinstance(per, list) else [per])])
+            rows_b = executor.training_rows(sampled, adv_b, sample_offset=len(rows_a))
+        phase("B: update")
+        if cfg.run.coevolution:
+            if rows_b:
+                m_micro = policy_update(self.policy, self.optimizer, rows_b, cfg.update, {ACTION})  # line 14
+        else:  # w/o co-evolution: one step, both masks, on rollouts of the same starting policy
+            m_macro = policy_update(self.policy, self.optimizer, rows_a + rows_b, cfg.update, {BLUEPRINT, ACTION})
 
         metrics = self._metrics(t, flat_bp, returns, success, adv_macro, greedy, m_macro, z_star, sampled,
                                 adv_micro, m_micro, timings)
         samples = self._samples(t, blueprints, returns, z_star, sampled)
         return metrics, samples
+
+    def flat_iteration(self, t: int, bar=None) -> tuple[dict, dict]:
+        """'w/o hierarchy': M flat trajectories per task, group advantages over each task's M, one update."""
+        cfg, prompts = self.cfg, self.spec.prompts
+        M, B = cfg.executor.rollouts_per_blueprint, cfg.run.tasks_per_iteration
+        timings: dict = {}
+        phase = _Phases(bar)
+        seeds = task_seeds(cfg.run, t)
+        phase("flat: rollouts")
+        episodes = [(b, []) for b in range(B) for _ in range(M)]
+        sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
+                                    [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=False,
+                                    timings=timings, flat=True)
+        adv = trajectory_advantages(sampled, cfg.update)
+        phase("flat: update")
+        m_update = policy_update(self.policy, self.optimizer, executor.training_rows(sampled, adv),
+                                 cfg.update, {ACTION})
+        adv_t = torch.tensor([a for per in adv for a in (per if isinstance(per, list) else [per])])
+        env_steps = sum(tr.env_steps for tr in sampled)
+        gen_s = timings.get("generate_s", 0.0)
+        m = {"iteration": t, "success_rate": _mean([tr.success for tr in sampled]),
+             "macro/return_mean": _mean([tr.ret for tr in sampled]),
+             "micro/success_rate": _mean([tr.success for tr in sampled]),
+             "micro/return_mean": _mean([tr.ret for tr in sampled]),
+             "micro/adv_std": float(adv_t.std()) if adv_t.numel() > 1 else 0.0,
+             "micro/steps_mean": _mean([tr.env_steps for tr in sampled]),
+             "env/steps": env_steps,
+             "env/invalid_action_rate": sum(tr.invalid for tr in sampled) / max(env_steps, 1),
+             "gen/tokens": timings.get("generated_tokens", 0.0)}
+        for end in ("solved", "max_steps", "failure_keyword", "env_error"):
+            m[f"env/end_{end}"] = _mean([tr.end == end for tr in sampled])
+        m.update({f"micro/{k}": v for k, v in m_update.items()})
+        m["time/generate_s"] = gen_s
+        m["time/update_s"] = m_update.get("update_s", 0.0)
+        m["time/env_s"] = timings.get("env_s", 0.0)
+        m["perf/gen_tokens_per_s"] = m["gen/tokens"] / gen_s if gen_s else 0.0
+        samples = [{"iteration": t, "task": b, "flat": [{"answers": [s.text.strip() for s in tr.steps],
+                                                        "return": tr.ret, "end": tr.end}
+                                                       for tr in sampled if tr.task == b]}
+                   for b in range(min(cfg.run.sample_log, B))]
+        return m, samples
+
+    def _advantages(self, returns: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+        """Blueprint-group advantages: Eq. 2, or RLOO when the update's estimator says so."""
+        u = self.cfg.update
+        if u.advantage == "rloo":
+            return groups.rloo_advantages(returns, group_index)
+        return groups.group_advantages(returns, group_index, u.adv_scale_std, u.adv_eps)
 
     # -- bookkeeping ------------------------------------------------------------------
     def _metrics(self, t, flat_bp, returns, success, adv_macro, greedy, m_macro, z_star, sampled, adv_micro,
@@ -235,6 +302,7 @@ class Trainer:
         m["time/generate_s"] = gen_s
         m["time/update_s"] = m_macro.get("update_s", 0.0) + m_micro.get("update_s", 0.0)
         m["time/env_s"] = timings.get("env_s", 0.0)
+        m["gen/tokens"] = gen_tokens
         m["perf/gen_tokens_per_s"] = gen_tokens / gen_s if gen_s else 0.0
         return m
 
@@ -255,7 +323,8 @@ class Trainer:
         seeds = eval_seeds(self.cfg.run.eval_episodes)
         if self._eval_pool is None:
             self._eval_pool = self.spec.pool(self.cfg.env, evaluation=True)
-        report = evaluate_agent(self.policy, self.spec, self._eval_pool, seeds, self.cfg.planner, self.cfg.executor)
+        report = evaluate_agent(self.policy, self.spec, self._eval_pool, seeds, self.cfg.planner, self.cfg.executor,
+                                flat=not self.cfg.run.hierarchy)
         return {"iteration": t, **{f"eval/{k}": v for k, v in report.items() if k != "episodes"}}
 
     def close(self) -> None:
@@ -276,7 +345,7 @@ class Trainer:
         t_start = time.perf_counter()
         for t in bar:
             tic = time.perf_counter()
-            with tqdm(total=5, desc=f"iteration {t}", leave=False, dynamic_ncols=True, disable=None) as inner:
+            with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False, dynamic_ncols=True, disable=None) as inner:
                 metrics, samples = self.iteration(t, inner)
             metrics["wall_s"] = time.perf_counter() - tic
             metrics["elapsed_s"] = time.perf_counter() - t_start
@@ -309,6 +378,54 @@ class _Phases:
                 self.bar.update(1)
             self.bar.set_postfix_str(name)
         self.n += 1
+
+
+def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str, key: list[int]) -> dict:
+    """The blueprint each task's Phase B runs under: {task index: Blueprint}.
+
+    'best': z* = argmax_i R(z_i) over the task's valid blueprints, the first on ties
+    (Eq. 4). 'random': a uniform pick among the valid ones from a stream seeded by
+    `key` + the task index (the ablation). Tasks with no valid blueprint are absent.
+    """
+    out = {}
+    for b, group in enumerate(blueprints):
+        G = len(group)
+        valid = [i for i in range(G) if group[i].valid]
+        if not valid:
+            continue
+        if choice == "best":
+            i = max(valid, key=lambda i: (float(returns[b * G + i]), -i))
+        else:
+            i = valid[int(np.random.default_rng([*key, b]).integers(len(valid)))]
+        out[b] = group[i]
+    return out
+
+
+def trajectory_advantages(trajs: list, cfg: UpdateConfig) -> list:
+    """Advantages of a batch of trajectories grouped by task: one float per trajectory (grpo, rloo)
+    or, for gigpo, one list of per-step floats per trajectory."""
+    if not trajs:
+        return []
+    returns = torch.tensor([tr.ret for tr in trajs])  # (N,)
+    group = torch.tensor([tr.task for tr in trajs])  # (N,)
+    if cfg.advantage == "rloo":
+        return groups.rloo_advantages(returns, group).tolist()
+    if cfg.advantage == "grpo":
+        return groups.group_advantages(returns, group, cfg.adv_scale_std, cfg.adv_eps).tolist()
+    anchors: dict[str, int] = {}
+    step_ep, step_anchor, step_ret = [], [], []
+    for i, tr in enumerate(trajs):
+        step_ret += groups.discounted_returns([s.reward for s in tr.steps], cfg.gigpo_gamma)
+        step_ep += [i] * len(tr.steps)
+        step_anchor += [anchors.setdefault(s.anchor, len(anchors)) for s in tr.steps]
+    adv = groups.gigpo_advantages(returns, group, torch.tensor(step_ep, dtype=torch.long),
+                                  torch.tensor(step_anchor, dtype=torch.long), torch.tensor(step_ret),
+                                  cfg.gigpo_step_weight, cfg.adv_scale_std, cfg.adv_eps).tolist()
+    out, k = [], 0
+    for tr in trajs:
+        out.append(adv[k:k + len(tr.steps)])
+        k += len(tr.steps)
+    return out
 
 
 def _mean(xs) -> float:

@@ -21,6 +21,11 @@ With `sub_done: false` (the paper's "w/o <sub_done>" ablation) the executor is
 not told about `<sub_done>`; each sub-goal gets exactly T_limit steps, then the
 next one starts.
 
+`flat=True` runs the "w/o hierarchy" agent with the same machinery: no
+blueprint, the env's flat prompt with the task and the last `history_window`
+steps of the whole episode, no `<sub_done>` and no T_limit (only the env's own
+step budget ends it).
+
 Same function names, in the same order, as planner.py.
 """
 from __future__ import annotations
@@ -81,6 +86,7 @@ class Step:
     sub_done: bool
     subgoal: int  # k, the active sub-goal index when this answer was given
     reward: float = 0.0
+    anchor: str = ""  # the observation the answer was given in (GiGPO's anchor state)
 
 
 @dataclass
@@ -110,6 +116,14 @@ def build_messages(prompts: Prompts, task: str, subgoals: list[str], k: int,
             {"role": "user", "content": prompts.executor_user.format(**fields)}]
 
 
+def build_flat_messages(prompts: Prompts, task: str, history: list[tuple[str, str]], obs: Obs) -> list[dict]:
+    """Context of one flat-agent turn ("w/o hierarchy"): task, recent steps, current obs."""
+    lines = "".join(f"- {a}: {fb}\n" for a, fb in history)
+    fields = {"task": task, "history": f"Recent steps:\n{lines}" if history else "", "observation": obs.text}
+    return [{"role": "system", "content": prompts.flat_system.format(**fields)},
+            {"role": "user", "content": prompts.flat_user.format(**fields)}]
+
+
 def parse_output(text: str, parse_action: Callable[[str], tuple[Any, bool]],
                  sub_done: bool = True) -> tuple[Any, bool, bool]:
     """Answer -> (action, is_sub_done, valid). `<sub_done>` wins over any action words."""
@@ -131,12 +145,15 @@ class _Live:
 
 def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[int],
              blueprints: list[tuple[int, list[str]]], cfg: ExecutorConfig, greedy: bool,
-             timings: dict | None = None) -> list[Trajectory]:
+             timings: dict | None = None, flat: bool = False) -> list[Trajectory]:
     """Roll out one episode per (seed, blueprint), all in lockstep, one batched generation a turn.
 
     `blueprints[i]` is (task index, sub-goals) of episode i; `pool` is an env pool
     (envs.base.SerialPool or a parallel one) that gets one slot per episode.
+    `flat`: the hierarchy-free agent (sub-goals ignored, see the module docstring).
     """
+    if flat and not prompts.flat_user:
+        raise ValueError("this env has no flat prompt (Prompts.flat_user), so hierarchy: false cannot run on it")
     temp = 0.0 if greedy else cfg.executor_temperature
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
@@ -150,15 +167,15 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
 
     while live:
         t0 = time.perf_counter()
-        prompt_ids = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg) for x in live]
+        prompt_ids = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg, flat) for x in live]
         outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True)
         _add(timings, "generate_s", time.perf_counter() - t0)
         _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
         to_step: list[tuple[_Live, Step]] = []
         for x, ids, out in zip(live, prompt_ids, outs):
-            text = prompts.executor_prefix + out.text
-            action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done)
-            step = Step(ids, out.ids, text, action, valid, done_flag, x.k)
+            text = (prompts.flat_prefix if flat else prompts.executor_prefix) + out.text
+            action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done and not flat)
+            step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=x.obs.text)
             x.traj.steps.append(step)
             if done_flag:  # <sub_done>: next sub-goal, no env step
                 x.traj.subgoals_done += 1
@@ -171,23 +188,28 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
         results = pool.step([x.slot for x, _ in to_step], [s.action if s.valid else None for _, s in to_step])
         _add(timings, "env_s", time.perf_counter() - t0)
         for (x, step), (obs, reward, env_done, info) in zip(to_step, results):
-            _apply(x, step, obs, reward, env_done, info, cfg)
+            _apply(x, step, obs, reward, env_done, info, cfg, flat)
         live = [x for x in live if not x.traj.end]
     return ordered
 
 
-def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig) -> list[int]:
+def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig,
+            flat: bool = False) -> list[int]:
     """This turn's prompt ids; the oldest steps of the segment go first if over max_prompt_tokens."""
     history = x.history[-cfg.history_window:] if cfg.history_window else []
     while True:
-        ids = policy.encode(build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
-                            prompts.executor_prefix)
+        if flat:
+            ids = policy.encode(build_flat_messages(prompts, task, history, x.obs), prompts.flat_prefix)
+        else:
+            ids = policy.encode(build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
+                                prompts.executor_prefix)
         if not cfg.max_prompt_tokens or len(ids) <= cfg.max_prompt_tokens or not history:
             return ids
         history = history[1:]
 
 
-def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: dict, cfg: ExecutorConfig) -> None:
+def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: dict, cfg: ExecutorConfig,
+           flat: bool = False) -> None:
     """Book one env step into the episode and decide whether (and why) it ends."""
     t = x.traj
     if not step.valid:
@@ -206,12 +228,14 @@ def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: 
     elif info.get("success"):
         t.success, t.end = True, "solved"
     elif any(kw.lower() in said for kw in cfg.failure_keywords):
-        t.end, t.ret = "failure_keyword", t.ret + cfg.halt_penalty
+        t.end, t.ret, step.reward = "failure_keyword", t.ret + cfg.halt_penalty, step.reward + cfg.halt_penalty
     elif env_done:
         t.end = "max_steps"
+    elif flat:  # no segments: only the env's budget ends a flat episode
+        pass
     elif x.segment_steps >= cfg.subgoal_step_limit:
         if cfg.sub_done:
-            t.end, t.ret = "subgoal_step_limit", t.ret + cfg.halt_penalty
+            t.end, t.ret, step.reward = "subgoal_step_limit", t.ret + cfg.halt_penalty, step.reward + cfg.halt_penalty
         else:  # fixed budget: move on regardless of the segment's state
             x.k, x.segment_steps, x.history = x.k + 1, 0, []
             if x.k >= len(t.subgoals):
@@ -222,10 +246,15 @@ def _add(timings: dict, key: str, value: float) -> None:
     timings[key] = timings.get(key, 0.0) + value
 
 
-def training_rows(trajectories: list[Trajectory], advantages: list[float], sample_offset: int = 0) -> list[Row]:
-    """One row per executor turn; only action tokens are trained (Phase B, line 14)."""
+def training_rows(trajectories: list[Trajectory], advantages: list, sample_offset: int = 0) -> list[Row]:
+    """One row per executor turn; only action tokens are trained (Phase B, line 14).
+
+    `advantages[i]` is one float for the whole trajectory i (GRPO, RLOO) or a list
+    with one float per step (GiGPO's step-level advantages).
+    """
     rows = []
     for i, (t, a) in enumerate(zip(trajectories, advantages)):
-        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(a), t.temperature)
-                 for s in t.steps]
+        per_step = a if isinstance(a, (list, tuple)) else [a] * len(t.steps)
+        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature)
+                 for s, adv in zip(t.steps, per_step)]
     return rows

@@ -27,6 +27,7 @@ from himac import groups
 from himac.policy import Policy
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
+ADVANTAGES = ("grpo", "rloo", "gigpo")
 
 
 @dataclass
@@ -61,6 +62,14 @@ class UpdateConfig:
     """Passes over a phase's rows."""
     mini_batches: int = 1
     """Optimiser steps per pass; samples are split between them whole."""
+    advantage: str = "grpo"
+    """Advantage estimator of trajectory groups: 'grpo' (Eq. 2), 'rloo' (leave-one-out baseline) or
+    'gigpo' (Eq. 2 over episodes + step_weight * Eq. 2 over identical-observation step groups).
+    Blueprint (macro) groups use grpo or rloo; gigpo has no steps there and falls back to grpo."""
+    gigpo_step_weight: float = 1.0
+    """omega: weight of GiGPO's step-level advantage."""
+    gigpo_gamma: float = 0.95
+    """Discount of the step returns GiGPO compares within a step group."""
 
     def __post_init__(self):
         from himac.config import check
@@ -71,6 +80,8 @@ class UpdateConfig:
         check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
         check(self.mini_batches >= 1, "mini_batches", self.mini_batches, "must be >= 1")
+        check(self.advantage in ADVANTAGES, "advantage", self.advantage, f"must be one of {ADVANTAGES}")
+        check(0 <= self.gigpo_gamma <= 1, "gigpo_gamma", self.gigpo_gamma, "must be in [0, 1]")
 
 
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.Optimizer:

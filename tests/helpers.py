@@ -56,7 +56,8 @@ SCRIPTED_PROMPTS = Prompts(
     planner_system="Plan at most {max_subgoals} steps.", planner_user="{task}\n{observation}",
     executor_system="Act.{sub_done_rule}",
     executor_user="{task}\nSub-goal {index}/{count}: {subgoal}\n{history}Now: {observation}",
-    executor_prefix="Answer:")
+    executor_prefix="Answer:", flat_system="Act alone.", flat_user="{task}\n{history}Now: {observation}",
+    flat_prefix="Answer:")
 
 SCRIPTED_SPEC = EnvSpec("scripted", ScriptedEnvConfig, ScriptedEnv, scripted_parse, SCRIPTED_PROMPTS)
 
