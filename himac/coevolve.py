@@ -64,6 +64,8 @@ class RunConfig:
     """Evaluate every this many iterations (0: only before and after)."""
     sample_log: int = 1
     """Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
+    time_budget_s: float = 0.0
+    """Stop after the iteration that brings training time (evaluation excluded) past this (0: no limit)."""
     hierarchy: bool = True
     """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
     the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
@@ -82,6 +84,7 @@ class RunConfig:
         C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
         C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
         C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
+        C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
         C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
                 "must be 'best' or 'random'")
 
@@ -343,13 +346,19 @@ class Trainer:
         bar = tqdm(range(self.start, cfg.run.iterations), desc="co-evolution", unit="it",
                    initial=self.start, total=cfg.run.iterations, dynamic_ncols=True)
         t_start = time.perf_counter()
+        done_before = run.metrics() if self.start else []
+        train_s = float(done_before[-1].get("train_s", 0.0)) if done_before else 0.0  # resumed: keep counting
         for t in bar:
             tic = time.perf_counter()
-            with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False, dynamic_ncols=True, disable=None) as inner:
+            with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False, dynamic_ncols=True,
+                      disable=None) as inner:
                 metrics, samples = self.iteration(t, inner)
             metrics["wall_s"] = time.perf_counter() - tic
             metrics["elapsed_s"] = time.perf_counter() - t_start
-            last = t == cfg.run.iterations - 1
+            train_s += metrics["wall_s"]
+            metrics["train_s"] = train_s  # training wall-clock so far, evaluation excluded
+            out_of_time = bool(cfg.run.time_budget_s) and train_s >= cfg.run.time_budget_s
+            last = t == cfg.run.iterations - 1 or out_of_time
             if evaluating and (last or (cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0)):
                 ev = self.evaluate(t)
                 run.log(ev, "eval.jsonl")
@@ -363,6 +372,9 @@ class Trainer:
             bar.set_postfix(success=f"{metrics['success_rate']:.2f}", ret=f"{metrics['macro/return_mean']:.2f}",
                             wall=f"{metrics['wall_s']:.0f}s")
             history.append(metrics)
+            if out_of_time:
+                bar.write(f"himac: time budget {cfg.run.time_budget_s:.0f}s reached after iteration {t}")
+                break
         return history
 
 

@@ -14,8 +14,11 @@ def plot_progress(metrics: list[dict], evals: list[dict], path: str | Path) -> P
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
 
     a = ax[0][0]
-    a.plot(it, [m["success_rate"] for m in metrics], "o-", label="Phase A greedy (train tasks)")
-    a.plot(it, [m.get("micro/success_rate", 0.0) for m in metrics], "s-", alpha=0.7, label="Phase B sampled")
+    flat = not all("macro/blueprint_valid_rate" in m for m in metrics)
+    a.plot(it, [m["success_rate"] for m in metrics], "o-",
+           label="sampled (train tasks)" if flat else "Phase A greedy (train tasks)")
+    if not flat:
+        a.plot(it, [m.get("micro/success_rate", 0.0) for m in metrics], "s-", alpha=0.7, label="Phase B sampled")
     if evals:
         a.plot([e["iteration"] + 1 for e in evals], [e["eval/success_rate"] for e in evals], "D--", color="k",
                label="held-out greedy (after iteration - 1)")
@@ -30,8 +33,9 @@ def plot_progress(metrics: list[dict], evals: list[dict], path: str | Path) -> P
 
     a = ax[1][0]
     a.plot(it, [m["env/invalid_action_rate"] for m in metrics], "o-", label="invalid action rate")
-    a.plot(it, [m["macro/blueprint_valid_rate"] for m in metrics], "s-", label="blueprint valid rate")
-    a.plot(it, [m.get("micro/subgoal_completion", 0.0) for m in metrics], "^-", label="sub-goals completed")
+    if all("macro/blueprint_valid_rate" in m for m in metrics):  # flat runs have no blueprints
+        a.plot(it, [m["macro/blueprint_valid_rate"] for m in metrics], "s-", label="blueprint valid rate")
+        a.plot(it, [m.get("micro/subgoal_completion", 0.0) for m in metrics], "^-", label="sub-goals completed")
     a.set(title="answer quality", xlabel="iteration", ylim=(-0.05, 1.05))
     a.legend(fontsize=8)
 

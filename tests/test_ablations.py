@@ -195,3 +195,9 @@ def test_bad_switch_values_name_the_key(key, value):
     from himac.config import ConfigError
     with pytest.raises(ConfigError, match=key):
         load_config(None, {**FAST, key: value})
+
+
+def test_progress_plot_draws_a_flat_run(tmp_path, monkeypatch):
+    trainer, metrics, _ = _run_iteration(tmp_path, monkeypatch, hierarchy=False)
+    trainer.run.log(metrics)
+    assert trainer.run.plot().stat().st_size > 10_000
