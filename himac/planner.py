@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from envs.base import Obs, Prompts
+from himac import vision
 from himac.policy import Policy
 from himac.update import BLUEPRINT, Row
 
@@ -55,6 +56,7 @@ class Blueprint:
     subgoals: list[str]
     valid: bool
     temperature: float
+    images: vision.Pixels | None = None  # the first frame, for visual observations
 
 
 def build_messages(prompts: Prompts, task: str, obs: Obs, max_subgoals: int) -> list[dict]:
@@ -77,19 +79,20 @@ def generate(policy: Policy, prompts: Prompts, tasks: list[str], first_obs: list
              cfg: PlannerConfig, n: int, temperature: float | None = None) -> list[list[Blueprint]]:
     """Sample n blueprints for each task: returns (B, n) nested lists. temperature 0 = greedy."""
     temp = cfg.planner_temperature if temperature is None else temperature
-    prompt_ids = [policy.encode(build_messages(prompts, t, o, cfg.max_subgoals), prompts.planner_prefix)
-                  for t, o in zip(tasks, first_obs)]
-    flat = [p for p in prompt_ids for _ in range(n)]  # (B * n,)
-    outs = policy.generate(flat, cfg.blueprint_max_tokens, temp)
+    encoded = [policy.encode_images(build_messages(prompts, t, o, cfg.max_subgoals), prompts.planner_prefix,
+                                    vision.frames(o)) for t, o in zip(tasks, first_obs)]  # the planner sees frame 0
+    flat = [ids for ids, _ in encoded for _ in range(n)]  # (B * n,)
+    pixels = [px for _, px in encoded for _ in range(n)]  # (B * n,)
+    outs = policy.generate(flat, cfg.blueprint_max_tokens, temp, **vision.image_kwargs(pixels))
     groups: list[list[Blueprint]] = [[] for _ in tasks]
     for i, out in enumerate(outs):
         text = prompts.planner_prefix + out.text  # the prefilled "1." is part of the blueprint text
         subgoals, valid = parse_output(text, cfg.max_subgoals)
-        groups[i // n].append(Blueprint(i // n, flat[i], out.ids, text, subgoals, valid, temp))
+        groups[i // n].append(Blueprint(i // n, flat[i], out.ids, text, subgoals, valid, temp, pixels[i]))
     return groups
 
 
 def training_rows(blueprints: list[Blueprint], advantages: list[float], sample_offset: int = 0) -> list[Row]:
     """One row per blueprint; only blueprint tokens are trained (Phase A, line 9)."""
-    return [Row(b.prompt_ids, b.completion_ids, BLUEPRINT, sample_offset + i, float(a), b.temperature)
+    return [Row(b.prompt_ids, b.completion_ids, BLUEPRINT, sample_offset + i, float(a), b.temperature, b.images)
             for i, (b, a) in enumerate(zip(blueprints, advantages))]

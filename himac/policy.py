@@ -10,14 +10,22 @@ the prompts they build. This wrapper hides the tokenizer/padding details:
   RoPE positions relative to generation) and asks the model for logits only at
   completion positions (`logits_to_keep`), which skips the LM head over prompts:
   on SmolLM2 the head is 28M of 135M parameters.
+Vision-language models (Qwen2.5-VL) take images through `encode_images`, and
+`generate` / `logprobs` take the resulting pixels per prompt (himac/vision.py).
+Rows with images get Qwen's 3-D (time, height, width) rotary positions, which
+the model computes from the attention mask and `mm_token_type_ids`, so they are
+padding-invariant like the 1-D positions of text rows.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
+
+from himac import vision
 
 
 @dataclass
@@ -27,8 +35,9 @@ class Completion:
 
 
 class Policy:
-    def __init__(self, model, tokenizer, gen_batch_size: int = 16):
+    def __init__(self, model, tokenizer, gen_batch_size: int = 16, image_processor=None):
         self.model = model
+        self._image_processor = image_processor  # loaded from the model's directory on first use
         self.tokenizer = tokenizer
         self.gen_batch_size = gen_batch_size
         self.pad_id = tokenizer.pad_token_id
@@ -61,14 +70,48 @@ class Policy:
             ids += self.tokenizer.encode(prefix, add_special_tokens=False)
         return ids
 
+    def encode_images(self, messages: list[dict], prefix: str, images: list[np.ndarray]
+                      ) -> tuple[list[int], vision.Pixels | None]:
+        """`encode`, with `images` ((H, W, 3) uint8 frames) shown at the start of the last user turn.
+
+        Returns (ids, pixels); with no images, (encode(messages, prefix), None).
+        """
+        if not images:
+            return self.encode(messages, prefix), None
+        if not vision.is_vision_model(self.model):
+            raise ValueError(f"observation images need a vision-language model; "
+                             f"'{self.model.config.model_type}' has no vision tower (use observation: text)")
+        pixels = vision.process(self.image_processor, images)
+        ids = self.encode(vision.with_images(messages, len(images)), prefix)
+        cfg = self.model.config
+        return vision.expand_pads(ids, cfg.image_token_id, pixels.tokens(cfg.vision_config.spatial_merge_size)), pixels
+
+    @property
+    def image_processor(self):
+        if self._image_processor is None:
+            self._image_processor = vision.load_image_processor(self.model.config._name_or_path)
+        return self._image_processor
+
+    def _image_inputs(self, ids: torch.Tensor, pixels: list | None) -> dict:
+        """Model kwargs for the images of a batch (rows in order); {} for a text-only batch."""
+        kwargs = vision.collate(pixels or [])
+        if not kwargs:
+            return {}
+        kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
+        kwargs["mm_token_type_ids"] = (ids == self.model.config.image_token_id).int()  # (b, T) 1 on image tokens
+        return kwargs
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- generation ----------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 stop_at_newline: bool = False) -> list[Completion]:
-        """Sample (temperature > 0) or greedily decode one completion per prompt."""
+                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
+        """Sample (temperature > 0) or greedily decode one completion per prompt.
+
+        `images[i]` is the `vision.Pixels` of prompt i (None for a text-only prompt).
+        """
         stop = set(self.eos_ids) | (set(self.newline_ids()) if stop_at_newline else set())
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=temperature > 0,
@@ -81,7 +124,8 @@ class Policy:
             for start in range(0, len(prompts), self.gen_batch_size):
                 chunk = prompts[start:start + self.gen_batch_size]
                 ids, mask = self._left_pad(chunk)  # (b, P)
-                seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                extra = self._image_inputs(ids, images[start:start + self.gen_batch_size] if images else None)
+                seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
                 for row in seqs[:, ids.shape[1]:].tolist():  # (b, <=max_new_tokens)
                     cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
                     out.append(Completion(row[:cut], self.decode(row[:cut])))
@@ -100,11 +144,13 @@ class Policy:
 
     # -- training forward ----------------------------------------------------------
     def logprobs(self, prompts: list[list[int]], completions: list[list[int]],
-                 temperatures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperatures: torch.Tensor | None = None,
+                 images: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(completion token | prompt, earlier completion tokens) for a batch of rows.
 
         Returns (logp, mask), both (R, C) with C the longest completion; mask is 1 on
         real completion tokens. Gradients flow when called outside no_grad.
+        `images[i]` is the `vision.Pixels` of row i's prompt (None for a text-only row).
         """
         R = len(prompts)
         P = max(len(p) for p in prompts)
@@ -121,8 +167,11 @@ class Policy:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (R, P+C)
         # Inputs drop the last position: logits at position t score token t+1, and we
         # need scores for completion tokens P..P+C-1, i.e. logits at P-1..P+C-2.
-        logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
-                            position_ids=positions[:, :-1], logits_to_keep=C, use_cache=False).logits
+        extra = self._image_inputs(ids[:, :-1], images)
+        if not extra:  # with images the model derives its 3-D positions from the mask
+            extra = {"position_ids": positions[:, :-1]}
+        logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], logits_to_keep=C, use_cache=False,
+                            **extra).logits
         logits = logits.float()  # (R, C, V)
         if temperatures is not None:
             logits = logits / temperatures.to(logits.device)[:, None, None]

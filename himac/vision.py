@@ -1,0 +1,171 @@
+"""The image input path of the shared policy, for Qwen2.5-VL-style models (issue 5).
+
+The planner sees the episode's first frame and the executor the current frame of
+its segment (paper §4.1, visual Sokoban). A frame reaches the model as
+- one `{"type": "image"}` part in the last user message, which the chat template
+  writes as `<|vision_start|><|image_pad|><|vision_end|>`;
+- that single `<|image_pad|>` repeated `prod(grid_thw) // merge_size**2` times (one
+  placeholder per merged visual token);
+- `pixel_values` (patches, 3 * temporal_patch * patch**2) and `image_grid_thw`
+  (images, 3) from `Qwen2VLImageProcessor(Pil)`, used directly: the processor class
+  (`Qwen2_5_VLProcessor`) needs torchvision, which CPU installs here lack.
+Batches concatenate the rows' patches in row order, which is the order the model
+matches them to the placeholders, so rows with and without images can share a batch.
+
+A 6x6 Sokoban frame is 96x96 (16-px tiles); the processor resizes it to 84x84, a
+multiple of 28: one 14-px ViT patch per cell and 2x2 cells per language-model
+token, i.e. 9 image tokens per frame.
+
+`tiny-vl` (tests only) is a random 2-layer Qwen2.5-VL with a 1-block vision tower,
+the tiny BPE tokenizer plus Qwen's vision special tokens, a ChatML template that
+understands image parts, and a saved image processor: the whole image path runs on
+a CPU without a download.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_PAD, VISION_START, VISION_END, VIDEO_PAD = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclass
+class Pixels:
+    """The processed images of one prompt (its row carries them into the update)."""
+    pixel_values: torch.Tensor  # (patches, 3 * temporal_patch * patch**2), float32 on the CPU
+    grid_thw: torch.Tensor  # (images, 3) long: patches along time, height, width
+
+    def tokens(self, merge_size: int) -> list[int]:
+        """Placeholder tokens each image takes in the text."""
+        return [int(n) // merge_size ** 2 for n in self.grid_thw.prod(-1)]
+
+
+def is_vision_model(model) -> bool:
+    return getattr(model.config, "vision_config", None) is not None
+
+
+def load_image_processor(path: str):
+    """The slow (PIL) Qwen2-VL image processor: it needs no torchvision."""
+    try:
+        from transformers import Qwen2VLImageProcessorPil as Processor
+    except ImportError:  # transformers < 5.x names the PIL one Qwen2VLImageProcessor
+        from transformers import Qwen2VLImageProcessor as Processor
+    return Processor.from_pretrained(path)
+
+
+def with_images(messages: list[dict], n_images: int) -> list[dict]:
+    """A copy of `messages` whose last user turn opens with `n_images` image parts."""
+    out = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(out) if m["role"] == "user"), default=None)
+    if last is None:
+        raise ValueError("images need a user message to attach to; the messages have none")
+    text = out[last]["content"]
+    if not isinstance(text, str):
+        raise ValueError(f"expected the user message's content to be text, got {type(text).__name__}")
+    out[last]["content"] = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return out
+
+
+def process(processor, images: list[np.ndarray]) -> Pixels:
+    """(H, W, 3) uint8 frames -> Pixels."""
+    for i, im in enumerate(images):
+        if not (isinstance(im, np.ndarray) and im.ndim == 3 and im.shape[2] == 3 and im.dtype == np.uint8):
+            raise ValueError(f"image {i} must be an (H, W, 3) uint8 array, got "
+                             f"{getattr(im, 'shape', type(im).__name__)} {getattr(im, 'dtype', '')}")
+    out = processor(images=list(images), return_tensors="pt")
+    return Pixels(out["pixel_values"].float(), out["image_grid_thw"].long())
+
+
+def expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """Repeat the i-th `pad_id` in `ids` counts[i] times (one per merged visual token)."""
+    found = [i for i, t in enumerate(ids) if t == pad_id]
+    if len(found) != len(counts):
+        raise ValueError(f"the prompt holds {len(found)} image placeholders but {len(counts)} images were given")
+    out, start = [], 0
+    for pos, n in zip(found, counts):
+        out += ids[start:pos] + [pad_id] * n
+        start = pos + 1
+    return out + ids[start:]
+
+
+def collate(pixels: list[Pixels | None]) -> dict[str, torch.Tensor]:
+    """Model kwargs for a batch whose rows carry `pixels` (None: a text-only row); {} if no row has images."""
+    present = [p for p in pixels if p is not None]
+    if not present:
+        return {}
+    return {"pixel_values": torch.cat([p.pixel_values for p in present]),  # (sum patches, D)
+            "image_grid_thw": torch.cat([p.grid_thw for p in present])}  # (sum images, 3)
+
+
+# -- the tiny test model -----------------------------------------------------------
+def build_tiny_vl(path: Path, hidden: int, seed: int) -> None:
+    """Write a random tiny Qwen2.5-VL, its tokenizer (tiny BPE + vision specials) and image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from himac.models import TINY_SPECIALS, tiny_corpus
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = TINY_SPECIALS + [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = VL_CHAT_TEMPLATE
+    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+    heads = 4
+    half = hidden // heads // 2  # rotary half-dim, split over (time, height, width) as Qwen's 16/24/24 of 64
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END], tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    from transformers import Qwen2VLImageProcessorPil
+    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
+                             min_pixels=56 * 56, max_pixels=28 * 28 * 256).save_pretrained(path)
+
+
+def materialise_tiny_vl(hidden: int, seed: int) -> Path:
+    from himac.models import _atomic_materialise, cache_dir, tiny_corpus
+    key = json.dumps({"corpus": tiny_corpus(), "hidden": hidden, "seed": seed, "vl": 1})
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return _atomic_materialise(cache_dir() / f"tiny-vl-{digest}", lambda tmp: build_tiny_vl(tmp, hidden, seed))
+
+
+# -- glue for planner / executor / update ---------------------------------------------
+def frames(obs) -> list[np.ndarray]:
+    """The images an observation shows the policy: [obs.image], or [] for a text observation."""
+    return [] if obs.image is None else [obs.image]
+
+
+def image_kwargs(pixels: list[Pixels | None]) -> dict:
+    """{"images": pixels} for Policy.generate / logprobs, or {} when no row has images (the text path)."""
+    return {"images": list(pixels)} if any(p is not None for p in pixels) else {}
