@@ -3,8 +3,9 @@
 Planner and executor are the same model (paper §3.2, Fig. 1b); they differ only in
 the prompts they build. This wrapper hides the tokenizer/padding details:
 - generation left-pads a batch of prompts and samples with plain temperature
-  sampling (top-k and top-p off), so the sampling distribution is the pi whose
-  log-probs the update computes; greedy when temperature is 0;
+  sampling (top-k, top-p and repetition penalty off, whatever the hub's
+  generation config says), so the sampling distribution is the pi whose log-probs
+  the update computes; greedy when temperature is 0;
 - `logprobs` lays each training row out as [left pad | prompt | completion |
   right pad], passes explicit position ids (left padding would otherwise shift
   RoPE positions relative to generation) and asks the model for logits only at
@@ -116,7 +117,10 @@ class Policy:
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-            top_p=1.0 if temperature > 0 else None, eos_token_id=sorted(stop), pad_token_id=self.pad_id)
+            top_p=1.0 if temperature > 0 else None, eos_token_id=sorted(stop), pad_token_id=self.pad_id,
+            # generate() fills every unset field from the model's hub generation config, which for
+            # Qwen2.5(-VL) instruct models holds repetition_penalty 1.05-1.1: pi must stay pi.
+            repetition_penalty=1.0)
         was_training = self.model.training
         self.model.eval()
         out: list[Completion] = []

@@ -123,7 +123,14 @@ def test_update_scores_what_generation_produced(vl_policy):
     a, pa = vl_policy.encode_images(MESSAGES, "Direction:", [frame(ROOMS[1])])
     long_msgs = [MESSAGES[0], {"role": "user", "content": "Which way? Think about the box and the target."}]
     b, pb = vl_policy.encode_images(long_msgs, "Direction:", [frame(ROOMS[0])])
-    outs = vl_policy.generate([a, b], 6, 0.0, images=[pa, pb])
+    # Hub generation configs carry sampling defaults (Qwen2.5-VL-3B: repetition_penalty 1.05) that
+    # generate() would apply to every field the policy leaves unset; the policy must override them.
+    gen_cfg = vl_policy.model.generation_config
+    gen_cfg.repetition_penalty = 10.0
+    try:
+        outs = vl_policy.generate([a, b], 6, 0.0, images=[pa, pb])
+    finally:
+        gen_cfg.repetition_penalty = 1.0
     store, handle = captured_logits(vl_policy)
     try:
         with torch.no_grad():

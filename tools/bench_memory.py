@@ -1,0 +1,147 @@
+"""Benchmark: peak memory of one co-evolution iteration, phase by phase, on whatever device is present.
+
+    python tools/bench_memory.py configs/sokoban_3b.yaml            # the 24 GB GPU setting
+    python tools/bench_memory.py configs/sokoban_vl_cpu.yaml        # its CPU twin (tiny-vl)
+    python tools/bench_memory.py CONFIG --set micro_batch_size=2 --set gen_batch_size=32
+
+It builds the trainer of CONFIG (model, LoRA, optimiser, env pool) exactly as
+`python -m himac.coevolve` does, runs one iteration (Phase A and Phase B) and prints
+one row per phase: the peak memory while the phase ran, and its ratio to the
+baseline measured in the same run, the memory held once the model and adapter are
+loaded. Where the device is
+- CUDA: torch.cuda.max_memory_allocated per phase (peaks reset between phases),
+  and the peak reserved by the caching allocator (what nvidia-smi roughly shows);
+- the CPU: the process's resident-set peak (VmHWM, reset between phases through
+  /proc/self/clear_refs), which also counts Python and the libraries (the first row).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from himac import config as C  # noqa: E402
+from himac.coevolve import Trainer, load_config  # noqa: E402
+from himac.rundir import RunDir  # noqa: E402
+
+GiB = 2 ** 30
+
+
+class Meter:
+    """now() and the peak since the last reset(), in bytes, for the device the model runs on."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def now(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        return _status_kib("VmRSS") * 1024
+
+    def peak(self) -> tuple[int, int | None]:
+        """(peak, peak reserved by the CUDA caching allocator or None)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        return _status_kib("VmHWM") * 1024, None
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class PhaseRecorder:
+    """Stands in for the iteration's inner progress bar: each new phase name closes the previous one."""
+
+    def __init__(self, meter: Meter):
+        self.meter, self.rows, self.name, self.t0 = meter, [], None, 0.0
+
+    def set_postfix_str(self, name: str) -> None:
+        self.close()
+        self.name, self.t0 = name, time.perf_counter()
+        self.meter.reset()
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.name is not None:
+            peak, reserved = self.meter.peak()
+            self.rows.append((self.name, peak, reserved, time.perf_counter() - self.t0))
+        self.name = None
+
+
+def model_bytes(model) -> tuple[int, int, int]:
+    """(bytes of all weights as stored, of the vision tower, of the trainable LoRA weights)."""
+    total = vision = lora = 0
+    for n, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        total += size
+        vision += size if ".visual." in n else 0
+        lora += size if p.requires_grad else 0
+    return total, vision, lora
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, C.parse_overrides(args.overrides))
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from himac.models import resolve_device
+    meter = Meter(resolve_device(cfg.model.device))
+    before = meter.now()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, RunDir(tmp))
+        try:
+            loaded = meter.now()
+            recorder = PhaseRecorder(meter)
+            tic = time.perf_counter()
+            metrics, _ = trainer.iteration(0, recorder)
+            recorder.close()
+            wall = time.perf_counter() - tic
+            after = meter.now()
+            weights, vision, lora = model_bytes(trainer.policy.model)
+            device = str(trainer.policy.device)
+            if meter.cuda:
+                device += f" ({torch.cuda.get_device_name(meter.device)})"
+        finally:
+            trainer.close()
+
+    print(f"config {args.config}  model {cfg.model.model}  device {device}  one iteration in {wall:.1f} s")
+    print(f"weights as stored {weights / GiB:.2f} GiB (vision tower {vision / GiB:.2f}), "
+          f"LoRA {lora / GiB:.3f} GiB; rows {metrics.get('macro/tokens', 0):.0f} blueprint + "
+          f"{metrics.get('micro/tokens', 0):.0f} action tokens trained")
+    what = "allocated" if meter.cuda else "resident (VmHWM)"
+    print(f"\n| phase | peak {what} GiB | x baseline | reserved GiB | s |")
+    print("|---|---|---|---|---|")
+    print(f"| before the model (imports) | {before / GiB:.2f} | {before / loaded:.2f} | | |")
+    print(f"| **baseline: model + LoRA loaded** | {loaded / GiB:.2f} | 1.00 | | |")
+    for name, peak, reserved, secs in recorder.rows:
+        res = f"{reserved / GiB:.2f}" if reserved is not None else ""
+        print(f"| {name} | {peak / GiB:.2f} | {peak / loaded:.2f} | {res} | {secs:.1f} |")
+    print(f"| after the iteration (optimiser state held) | {after / GiB:.2f} | {after / loaded:.2f} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
