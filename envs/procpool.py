@@ -20,15 +20,23 @@ further out:
   answer within `timeout_s` per env it holds is killed; every slot it held ends
   with info["error"], and a fresh worker takes its place at the next reset.
 
-Workers start with the "spawn" method by default: forking a trainer that has
-already run torch and tokenizers threads can deadlock a child. Spawning costs
-each worker one import of the trainer's main module (~2 s) once per pool.
+Workers are fresh interpreters (`python -c`, the trainer's sys.path, one
+socketpair each), not multiprocessing children: forking a trainer that has run
+torch and tokenizers threads can deadlock a child, and multiprocessing's
+"spawn" re-imports the trainer's main module in every worker (torch and
+transformers: ~3 s and ~250 MB each, and a footgun for scripts without a
+`__main__` guard). A worker imports only what unpickling `make` needs.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import pickle
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from envs.base import Obs, error_result
@@ -43,14 +51,12 @@ class SlotView:
 
 
 class ProcPool:
-    def __init__(self, make: Callable[[Any], Any], cfg: Any, num_workers: int = 2, timeout_s: float = 60.0,
-                 start_method: str = "spawn"):
+    def __init__(self, make: Callable[[Any], Any], cfg: Any, num_workers: int = 2, timeout_s: float = 60.0):
         if num_workers < 1:
             raise ValueError(f"num_workers = {num_workers!r}: a process pool needs at least one worker")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s = {timeout_s!r}: must be > 0")
         self.make, self.cfg, self.num_workers, self.timeout_s = make, cfg, num_workers, timeout_s
-        self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker | None] = [None] * num_workers
         self.tasks: list[str] = []
         self.task_types: list[str] = []
@@ -138,7 +144,7 @@ class ProcPool:
         if worker is None or not worker.alive():
             if worker is not None:
                 worker.stop()
-            self._workers[w] = _Worker(self._ctx, self.make, self.cfg)
+            self._workers[w] = _Worker(self.make, self.cfg)
 
     def _call(self, requests: dict[int, tuple], sizes: dict[int, int]) -> dict[int, Any]:
         """Send every worker its request, then collect the answers (a _Lost for a worker that died)."""
@@ -167,14 +173,19 @@ class _Lost:
 
 
 class _Worker:
-    def __init__(self, ctx, make, cfg):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, make, cfg), daemon=True)
-        self.proc.start()
-        child.close()
+    """One worker process and our end of its socket."""
+
+    def __init__(self, make, cfg):
+        ours, theirs = socket.socketpair()
+        code = f"from envs.procpool import worker_main; worker_main({theirs.fileno()})"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send_bytes(pickle.dumps((make, cfg)))
 
     def alive(self) -> bool:
-        return self.proc.is_alive()
+        return self.proc.poll() is None
 
     def send(self, msg) -> bool:
         try:
@@ -188,21 +199,31 @@ class _Worker:
             if not self.conn.poll(timeout):
                 return _Lost(f"env worker pid {self.proc.pid} gave no answer in {timeout:.0f} s and was killed")
             return self.conn.recv()
-        except (EOFError, OSError, ConnectionResetError):
-            self.proc.join(1)
-            return _Lost(f"env worker pid {self.proc.pid} died (exit code {self.proc.exitcode})")
+        except (EOFError, OSError):
+            code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
+            return _Lost(f"env worker pid {self.proc.pid} died (exit code {code})")
 
     def stop(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             try:
                 self.conn.send(("close", None))
-            except (BrokenPipeError, OSError):
+                self.proc.wait(5)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
-            self.proc.join(5)
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.join(5)
+            self.proc.wait(5)
         self.conn.close()
+
+
+def worker_main(fd: int) -> None:
+    """Entry point of a worker process (see _Worker): read (make, cfg), then serve."""
+    conn = Connection(fd)
+    try:
+        make, cfg = pickle.loads(conn.recv_bytes())
+    except EOFError:
+        return
+    _serve(conn, make, cfg)
 
 
 def _serve(conn, make, cfg) -> None:

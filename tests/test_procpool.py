@@ -137,7 +137,7 @@ def test_close_stops_the_processes(pool):
     p.reset([1, 2])
     procs = [w.proc for w in p._workers]
     p.close()
-    assert all(not pr.is_alive() for pr in procs)
+    assert all(pr.poll() is not None for pr in procs)
 
 
 def test_bad_arguments_name_the_value():
