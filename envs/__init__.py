@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from envs.base import Env, EnvSpec, Obs, Prompts
 from envs.sokoban import SPEC as _SOKOBAN
+from envs.alfworld import SPEC as _ALFWORLD  # textworld/alfworld are imported only when a game loads
 
 REGISTRY: dict[str, EnvSpec] = {_SOKOBAN.name: _SOKOBAN}
+REGISTRY[_ALFWORLD.name] = _ALFWORLD
 
 
 def get_spec(name: str) -> EnvSpec:
