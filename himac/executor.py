@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from envs.base import Obs, Prompts
+from himac import vision
 from himac.policy import Policy
 from himac.update import ACTION, Row
 
@@ -87,6 +88,7 @@ class Step:
     subgoal: int  # k, the active sub-goal index when this answer was given
     reward: float = 0.0
     anchor: str = ""  # the observation the answer was given in (GiGPO's anchor state)
+    images: Any = None  # vision.Pixels of the frame shown (visual observations), else None
 
 
 @dataclass
@@ -167,15 +169,17 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
 
     while live:
         t0 = time.perf_counter()
-        prompt_ids = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg, flat) for x in live]
-        outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True)
+        encoded = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg, flat) for x in live]
+        prompt_ids, pixels = [ids for ids, _ in encoded], [px for _, px in encoded]
+        outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True,
+                               **vision.image_kwargs(pixels))
         _add(timings, "generate_s", time.perf_counter() - t0)
         _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
         to_step: list[tuple[_Live, Step]] = []
-        for x, ids, out in zip(live, prompt_ids, outs):
+        for x, ids, px, out in zip(live, prompt_ids, pixels, outs):
             text = (prompts.flat_prefix if flat else prompts.executor_prefix) + out.text
             action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done and not flat)
-            step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=x.obs.text)
+            step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=x.obs.text, images=px)
             x.traj.steps.append(step)
             if done_flag:  # <sub_done>: next sub-goal, no env step
                 x.traj.subgoals_done += 1
@@ -194,17 +198,21 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
 
 
 def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig,
-            flat: bool = False) -> list[int]:
-    """This turn's prompt ids; the oldest steps of the segment go first if over max_prompt_tokens."""
+            flat: bool = False) -> tuple[list[int], vision.Pixels | None]:
+    """This turn's prompt ids (and the current frame's pixels, if the obs has an image); the oldest
+    steps of the segment go first if over max_prompt_tokens."""
     history = x.history[-cfg.history_window:] if cfg.history_window else []
+    frames = vision.frames(x.obs)  # the executor sees the current frame
     while True:
         if flat:
-            ids = policy.encode(build_flat_messages(prompts, task, history, x.obs), prompts.flat_prefix)
+            ids, px = policy.encode_images(build_flat_messages(prompts, task, history, x.obs), prompts.flat_prefix,
+                                           frames)
         else:
-            ids = policy.encode(build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
-                                prompts.executor_prefix)
+            ids, px = policy.encode_images(
+                build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
+                prompts.executor_prefix, frames)
         if not cfg.max_prompt_tokens or len(ids) <= cfg.max_prompt_tokens or not history:
-            return ids
+            return ids, px
         history = history[1:]
 
 
@@ -255,6 +263,6 @@ def training_rows(trajectories: list[Trajectory], advantages: list, sample_offse
     rows = []
     for i, (t, a) in enumerate(zip(trajectories, advantages)):
         per_step = a if isinstance(a, (list, tuple)) else [a] * len(t.steps)
-        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature)
+        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature, s.images)
                  for s, adv in zip(t.steps, per_step)]
     return rows

@@ -259,6 +259,9 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None and is_vl:
+        from himac import vision
+        tokenizer.chat_template = vision.processor_chat_template(path)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer of '{cfg.model}' has no chat template; himac prompts are chats")
     if cfg.load_in_4bit:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from himac import groups
+from himac import groups, vision
 from himac.policy import Policy
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
@@ -38,6 +39,7 @@ class Row:
     sample: int  # blueprint / trajectory id; rows of one trajectory share it
     advantage: float
     temperature: float = 1.0  # sampling temperature, applied to logits in the update
+    images: Any = None  # vision.Pixels of the prompt's images (visual observations), else None
 
 
 @dataclass
@@ -108,13 +110,14 @@ def rows_loss(policy: Policy, rows: list[Row], weights: torch.Tensor, cfg: Updat
     prompts = [r.prompt_ids for r in rows]
     completions = [r.completion_ids for r in rows]
     temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
-    logp, mask = policy.logprobs(prompts, completions, temps)  # (R, C) with grad
+    images = vision.image_kwargs([r.images for r in rows])
+    logp, mask = policy.logprobs(prompts, completions, temps, **images)  # (R, C) with grad
     C = logp.shape[1]
     w = weights[:, :C].to(logp.device) * mask  # (R, C)
     ref = None
     if cfg.kl_beta > 0:
         with torch.no_grad(), policy.reference():
-            ref, _ = policy.logprobs(prompts, completions, temps)  # (R, C)
+            ref, _ = policy.logprobs(prompts, completions, temps, **images)  # (R, C)
     old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
     return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
@@ -141,7 +144,8 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[R
         with torch.no_grad():
             for chunk in _chunks(rows, cfg.micro_batch_size):
                 temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in chunk])
-                lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], temps)
+                lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], temps,
+                                        **vision.image_kwargs([r.images for r in chunk]))
                 for r, row_lp in zip(chunk, lp):
                     old[id(r)] = row_lp.cpu()
     totals = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}

@@ -169,3 +169,20 @@ def frames(obs) -> list[np.ndarray]:
 def image_kwargs(pixels: list[Pixels | None]) -> dict:
     """{"images": pixels} for Policy.generate / logprobs, or {} when no row has images (the text path)."""
     return {"images": list(pixels)} if any(p is not None for p in pixels) else {}
+
+
+def processor_chat_template(path: str) -> str | None:
+    """The chat template a VL repo keeps for its processor (chat_template.json), for a tokenizer
+    that ships without one; None if there is none. `path` is a local directory or a hub name."""
+    local = Path(path)
+    if local.is_dir():
+        file = local / "chat_template.json"
+        if not file.is_file():
+            return None
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            file = Path(hf_hub_download(path, "chat_template.json"))
+        except Exception:  # noqa: BLE001 - no such file (or no hub): the caller reports the missing template
+            return None
+    return json.loads(file.read_text()).get("chat_template")

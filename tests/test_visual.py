@@ -291,3 +291,21 @@ def test_one_iteration_of_the_visual_cpu_config(tmp_path):
     cfg = (out / "config.yaml").read_text()
     assert "model: tiny-vl" in cfg and "observation: image" in cfg
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_vl_tokenizer_without_a_template_takes_the_processors(tmp_path):
+    """Some VL repos keep the chat template only in the processor's chat_template.json."""
+    import shutil
+    src = Path(models.model_path(models.ModelConfig(model="tiny-vl")))
+    shutil.copytree(src, tmp_path / "vl")
+    template = (tmp_path / "vl" / "chat_template.jinja").read_text()
+    (tmp_path / "vl" / "chat_template.jinja").unlink()
+    cfg = json.loads((tmp_path / "vl" / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "vl" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "vl" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    _, tok = models.load(models.ModelConfig(model=str(tmp_path / "vl"), lora_r=4))
+    assert tok.chat_template == template
+    (tmp_path / "vl" / "chat_template.json").unlink()
+    with pytest.raises(ValueError, match="chat template"):
+        models.load(models.ModelConfig(model=str(tmp_path / "vl"), lora_r=4))
