@@ -179,7 +179,8 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
         for x, ids, px, out in zip(live, prompt_ids, pixels, outs):
             text = (prompts.flat_prefix if flat else prompts.executor_prefix) + out.text
             action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done and not flat)
-            step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=x.obs.text, images=px)
+            step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=vision.state_key(x.obs),
+                        images=px)
             x.traj.steps.append(step)
             if done_flag:  # <sub_done>: next sub-goal, no env step
                 x.traj.subgoals_done += 1

@@ -166,6 +166,14 @@ def frames(obs) -> list[np.ndarray]:
     return [] if obs.image is None else [obs.image]
 
 
+def state_key(obs) -> str:
+    """A string that tells observations apart (GiGPO's anchor state): the text, plus a digest of the
+    frame when there is one, since with `observation: image` every text is the same placeholder."""
+    if obs.image is None:
+        return obs.text
+    return obs.text + "\n#frame " + hashlib.sha1(np.ascontiguousarray(obs.image).tobytes()).hexdigest()
+
+
 def image_kwargs(pixels: list[Pixels | None]) -> dict:
     """{"images": pixels} for Policy.generate / logprobs, or {} when no row has images (the text path)."""
     return {"images": list(pixels)} if any(p is not None for p in pixels) else {}

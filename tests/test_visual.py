@@ -309,3 +309,18 @@ def test_a_vl_tokenizer_without_a_template_takes_the_processors(tmp_path):
     (tmp_path / "vl" / "chat_template.json").unlink()
     with pytest.raises(ValueError, match="chat template"):
         models.load(models.ModelConfig(model=str(tmp_path / "vl"), lora_r=4))
+
+
+def test_image_observations_keep_gigpo_anchor_states_apart(vl_policy):
+    """With observation: image every obs.text is the same placeholder; the anchor state must still
+    group steps exactly as the map text does."""
+    partitions = []
+    for mode in ("both", "image"):
+        policy = MovingPolicy(vl_policy)
+        pool = SerialPool(SPEC, SokobanConfig(observation=mode, max_steps=8))
+        ecfg = executor.ExecutorConfig(subgoal_step_limit=8, history_window=1)
+        (traj,) = executor.generate(policy, PROMPTS, SPEC.parse_action, pool, [5], [(0, ["Solve it."])], ecfg,
+                                    greedy=True)
+        first = {}
+        partitions.append([first.setdefault(s.anchor, i) for i, s in enumerate(traj.steps)])
+    assert partitions[0] == partitions[1] and len(set(partitions[1])) >= 3
