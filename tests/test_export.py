@@ -1,0 +1,225 @@
+"""GGUF export: the merge by hand, then the exported file in real llama.cpp against transformers.
+
+Tiny test models (random, test-only) of both supported families: the Qwen2 `tiny` model
+and a tiny Llama built here with the same tokenizer. Each carries a LoRA adapter with
+random, clearly non-zero B, so a merge that dropped the adapter would show.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from envs.sokoban import PROMPTS
+from himac import executor, export, models, planner
+from himac.coevolve import load_config
+from himac.policy import Policy
+from himac.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(path: Path, model: str = "tiny", lora_std: float = 0.2, seed: int = 1, **overrides) -> Path:
+    """A run directory as coevolve writes it (config.yaml + checkpoint/adapter), with a random adapter."""
+    settings = {"model": model, "load_in_4bit": False, "lora_r": 4, "lora_alpha": 8, "blueprint_max_tokens": 12,
+                "action_max_tokens": 4, "max_solution_moves": 1, "max_steps": 4, **overrides}
+    cfg = load_config(ROOT / "configs" / "sokoban_cpu.yaml", settings)
+    run = RunDir(path)
+    run.write_config(cfg.flat())
+    torch.manual_seed(seed)
+    model, _ = models.load(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, lora_std)
+    model.save_pretrained(run.checkpoint / "adapter")
+    return path
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A random 2-layer Llama (GQA: 4 heads, 2 KV heads) with the tiny tokenizer. Test-only."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(models.model_path(models.ModelConfig(model="tiny")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None, rope_theta=10000.0)
+    torch.manual_seed(3)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{family: run directory} for a tiny Qwen2 and a tiny Llama."""
+    root = tmp_path_factory.mktemp("runs")
+    return {"qwen2": make_run(root / "qwen2"),
+            "llama": make_run(root / "llama", model=str(tiny_llama_dir(root / "llama-base")))}
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    """{family: (f32 GGUF path, peft model with its adapter active, tokenizer)}."""
+    out = {}
+    for fam, run in runs.items():
+        path = export.export_run(run, tmp_path_factory.mktemp(fam) / "agent.gguf", "f32", progress=False)
+        cfg, adapter = export.read_run(run)
+        model, tok = models.load(cfg, adapter_dir=adapter)
+        out[fam] = (path, model.eval(), tok)
+    return out
+
+
+def chat_prompts(tok) -> list[list[int]]:
+    """Planner and executor prompts as the agent builds them (prefixes and <sub_done> rule included)."""
+    from envs.sokoban import SokobanConfig, SokobanEnv
+    env = SokobanEnv(SokobanConfig())
+    obs = env.reset(5)
+    enc = _Encoder(tok)
+    plan = enc.encode(planner.build_messages(PROMPTS, env.task, obs, 3), PROMPTS.planner_prefix)
+    act = enc.encode(executor.build_messages(PROMPTS, env.task, ["Push the box up.", "Done."], 1,
+                                             [("up", "You moved up.")], obs), PROMPTS.executor_prefix)
+    return [plan, act, act[:-5] + tok.encode(" <sub_done>", add_special_tokens=False)]
+
+
+class _Encoder(Policy):
+    """Policy.encode without a model (encode only needs the tokenizer)."""
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+
+
+# -- the merge, by hand ------------------------------------------------------------------
+def test_merged_weight_is_base_plus_scaled_BA(runs):
+    run = runs["qwen2"]
+    cfg, adapter = export.read_run(run)
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    lora = load_file(adapter / "adapter_model.safetensors")
+    base = load_file(Path(models.model_path(cfg)) / "model.safetensors")
+    name = "model.layers.1.self_attn.v_proj"
+    A = lora[f"base_model.model.{name}.lora_A.weight"]  # (r, in)
+    B = lora[f"base_model.model.{name}.lora_B.weight"]  # (out, r)
+    W = base[f"{name}.weight"]  # (out, in)
+    expected = W + (acfg["lora_alpha"] / acfg["r"]) * (B @ A)  # 8 / 4 = 2
+    assert acfg["lora_alpha"] / acfg["r"] == 2.0
+    assert (expected - W).abs().max() > 1e-2  # the adapter really moves this layer
+    state, _, _ = export.merged_state(cfg, adapter)
+    torch.testing.assert_close(state[f"{name}.weight"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state[f"{name}.bias"], base[f"{name}.bias"], rtol=0, atol=0)  # bias untouched
+    torch.testing.assert_close(state["model.norm.weight"], base["model.norm.weight"], rtol=0, atol=0)
+
+
+def test_gguf_holds_the_merged_weights(runs, exported):
+    import gguf
+    path, _, _ = exported["qwen2"]
+    cfg, adapter = export.read_run(runs["qwen2"])
+    state, _, _ = export.merged_state(cfg, adapter)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    v = torch.from_numpy(tensors["blk.1.attn_v.weight"].data.copy())  # Qwen2: written as is
+    torch.testing.assert_close(v, state["model.layers.1.self_attn.v_proj.weight"], rtol=0, atol=0)
+    assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
+
+
+def test_rope_permutation_pairs_dimensions_the_llama_cpp_way():
+    # one head of dim 4: HF pairs rows (0, 2) and (1, 3); llama.cpp wants them adjacent
+    w = torch.arange(4.0)[:, None]
+    assert export.permute_rope(w, n_head=1).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(export.UnsupportedModel, match="GPT2LMHeadModel"):
+        export.family(cfg)
+    with pytest.raises(ValueError, match="q3_x"):
+        export.write_gguf({}, cfg, None, "/nonexistent/x.gguf", "q3_x")
+
+
+# -- the file in llama.cpp ----------------------------------------------------------------
+@pytest.mark.parametrize("fam", ["qwen2", "llama"])
+def test_tokenisation_equals_hf(exported, fam):
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    path, _, tok = exported[fam]
+    assert export.verify_tokenizer(path, tok) == []
+    lc = LlamaCppPolicy(path, n_ctx=1024)
+    hf = _Encoder(tok)
+    env_msgs = planner.build_messages(PROMPTS, "Push the box.", __import__("envs").Obs("#@$.#"), 2)
+    sub_done_msgs = executor.build_messages(PROMPTS, "t", ["a <sub_done> b"], 0, [], __import__("envs").Obs("x"))
+    for msgs, prefix in ((env_msgs, PROMPTS.planner_prefix), (sub_done_msgs, PROMPTS.executor_prefix)):
+        assert lc.encode(msgs, prefix) == hf.encode(msgs, prefix)
+    ids = tok.encode(" <sub_done>", add_special_tokens=False)
+    assert lc.decode(ids) == tok.decode(ids, skip_special_tokens=True) == " <sub_done>"
+
+
+@pytest.mark.parametrize("fam", ["qwen2", "llama"])
+def test_f32_logits_equal_transformers(exported, fam):
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    path, model, tok = exported[fam]
+    lc = LlamaCppPolicy(path, n_ctx=1024)
+    for prompt in chat_prompts(tok):  # the third shares a prefix with the second: KV-cache reuse path
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([prompt])).logits[0, -1].float()  # (V,), adapter active
+        got = torch.from_numpy(lc.logits(prompt))
+        assert ref.std() > 0.1  # non-degenerate logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)  # measured: ~7e-5; a wrong rope layout: ~3e-2
+
+
+def test_quantised_exports_load_and_stay_close(runs, exported, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    from himac.llamacpp import LlamaCppPolicy
+    path, _, tok = exported["qwen2"]
+    prompt = chat_prompts(tok)[0]
+    ref = LlamaCppPolicy(path, n_ctx=1024).logits(prompt)
+    for quant, ftype, min_corr in (("f16", 1, 0.999), ("q8_0", 7, 0.99), ("q4_k_m", 15, 0.8)):
+        out = export.export_run(runs["qwen2"], tmp_path / f"{quant}.gguf", quant, progress=False)
+        assert gguf.GGUFReader(out).fields["general.file_type"].contents() == ftype
+        got = LlamaCppPolicy(out, n_ctx=1024).logits(prompt)
+        corr = float(torch.corrcoef(torch.stack([torch.from_numpy(ref), torch.from_numpy(got)]))[0, 1])
+        assert corr > min_corr, (quant, corr)
+    assert (tmp_path / "q4_k_m.gguf").stat().st_size < (tmp_path / "f16.gguf").stat().st_size
+    assert not list(tmp_path.glob("*.tmp"))  # the f16 intermediate of q4_k_m is gone
+
+
+@pytest.mark.parametrize("fam", ["qwen2", "llama"])
+def test_lora_gguf_on_the_base_equals_the_merged_model(runs, exported, fam, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    merged_path, _, tok = exported[fam]
+    cfg, adapter = export.read_run(runs[fam])
+    base_state, hf_config, _ = export.merged_state(cfg, None)  # a fresh adapter has B = 0: the base
+    base = export.write_gguf(base_state, hf_config, tok, tmp_path / "base.gguf", "f32", progress=False)
+    lora = export.write_lora_gguf(adapter, hf_config, tmp_path / "lora.gguf")
+    prompt = chat_prompts(tok)[1]
+    with_lora = LlamaCppPolicy(base, n_ctx=1024, lora_path=lora).logits(prompt)
+    merged = LlamaCppPolicy(merged_path, n_ctx=1024).logits(prompt)
+    plain = LlamaCppPolicy(base, n_ctx=1024).logits(prompt)
+    assert abs(merged - plain).max() > 0.05  # the adapter matters
+    assert abs(with_lora - merged).max() < 1e-3
+
+
+def test_export_tool_end_to_end(runs, tmp_path):
+    out = tmp_path / "agent.gguf"
+    proc = subprocess.run([sys.executable, "tools/export_gguf.py", "--checkpoint", str(runs["llama"]), "--out",
+                           str(out), "--quant", "f16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 100_000
+    try:
+        import llama_cpp  # noqa: F401
+        assert "tokenizer verified" in proc.stdout
+    except ImportError:
+        pass
+    bad = subprocess.run([sys.executable, "tools/export_gguf.py", "--checkpoint", str(runs["llama"]), "--out",
+                          str(tmp_path / "x.gguf"), "--quant", "q3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "'q3'" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "tools/export_gguf.py", "--checkpoint", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "y.gguf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr

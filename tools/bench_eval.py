@@ -1,0 +1,137 @@
+"""Benchmark: the same held-out evaluation episodes on the HF backend and the llama.cpp backend,
+and llama.cpp's single-stream decode speed against the memory-bandwidth bound.
+
+    python tools/bench_eval.py [--config configs/sokoban_cpu.yaml] [--checkpoint smollm2-135m|RUN_DIR]
+        [--episodes 8] [--quants f16,q8_0] [--decode-tokens 64]
+
+Rows, all measured in this run on this machine:
+- evaluation: episodes/s and generated tokens/s (generated tokens over seconds spent
+  in generate, prompt processing included) for HF and for llama.cpp on GGUFs of the
+  same weights: the embedded Q4_1 file when the checkpoint is the embedded model,
+  and exports of the (dequantised, merged) weights at each --quants precision;
+  ratio = episodes/s over HF's.
+- decode: one sequence, tokens/s of single-token steps after a prompt, against the
+  bound = copy bandwidth / bytes read per token (every weight once; the KV cache
+  of a short context is negligible). Copy bandwidth is the better of a numpy copy
+  (one thread) and a torch copy (all threads) of 512 MiB, counting read + write.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from himac import evaluate, export, models  # noqa: E402
+from himac.llamacpp import LlamaCppPolicy  # noqa: E402
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second moved by a large array copy (read + write), best of numpy and torch."""
+    a = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    best = 0.0
+    for copy in (lambda: np.copyto(b, a), lambda: tb.copy_(ta)):
+        copy()  # touch the pages
+        t = min(_timed(copy) for _ in range(repeats))
+        best = max(best, 2 * a.nbytes / t)
+    return best
+
+
+def _timed(fn) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+def weight_bytes(path: Path) -> int:
+    import gguf
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def decode_speed(policy: LlamaCppPolicy, prompt: list[int], n: int) -> float:
+    """Single-stream decode tokens/s: greedy one-token steps after the prompt is in the cache."""
+    policy.llm.reset()
+    policy._feed(prompt)
+    token = int(np.argmax(policy._last_logits()))
+    tic = time.perf_counter()
+    for _ in range(n):
+        policy._feed_more([token])
+        token = int(np.argmax(policy._last_logits()))
+    return n / (time.perf_counter() - tic)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
+    ap.add_argument("--checkpoint", default="smollm2-135m", help="run directory or embedded model name")
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--quants", default="f16,q8_0", help="export precisions to run through llama.cpp")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args(argv)
+    cfg = evaluate.resolve_config(args.config, args.checkpoint, {})
+
+    ggufs: dict[str, Path] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="himac-bench-"))
+    if args.checkpoint in models.EMBEDDED:
+        ggufs["embedded Q4_1"] = models.embedded_gguf(args.checkpoint)
+        model_cfg, adapter = cfg.model, None
+        import dataclasses
+        model_cfg = dataclasses.replace(model_cfg, model=args.checkpoint, load_in_4bit=False)
+    else:
+        model_cfg, adapter = export.read_run(args.checkpoint)
+    state, hf_config, tok = export.merged_state(model_cfg, adapter)
+    for q in filter(None, args.quants.split(",")):
+        ggufs[f"export {q}"] = export.write_gguf(state, hf_config, tok, tmp / f"{q}.gguf", q, progress=False)
+    del state
+
+    rows, results = [], {}
+    print(f"evaluation: {args.episodes} held-out {cfg.run.env} episodes, {args.checkpoint}, "
+          f"{torch.get_num_threads()} torch threads", file=sys.stderr)
+    hf = evaluate.load_backend("hf", args.checkpoint, cfg)
+    results["HF transformers f32"] = evaluate.run_evaluation(hf, cfg, args.episodes)
+    hf_prompt = None
+    del hf
+    for name, path in ggufs.items():
+        policy = LlamaCppPolicy(path, n_threads=args.threads, seed=cfg.run.seed)
+        results[f"llama.cpp {name}"] = evaluate.run_evaluation(policy, cfg, args.episodes)
+        del policy
+    base = results["HF transformers f32"]["perf/episodes_per_s"]
+    for name, r in results.items():
+        rows.append([name, r["success_rate"], r["perf/episodes_per_s"], r["perf/gen_tokens_per_s"],
+                     r["perf/episodes_per_s"] / base])
+    print("\n" + evaluate.format_table(rows, ["backend", "success", "episodes/s", "gen tokens/s", "x HF"]))
+
+    bandwidth = copy_bandwidth()
+    drows = []
+    for name, path in ggufs.items():
+        policy = LlamaCppPolicy(path, n_threads=args.threads)
+        if hf_prompt is None:
+            from envs import get_spec
+            from himac import planner
+            spec = get_spec(cfg.run.env)
+            env = spec.make(cfg.env)
+            obs = env.reset(evaluate.eval_seeds(1)[0])
+            hf_prompt = planner.build_messages(spec.prompts, env.task, obs, cfg.planner.max_subgoals)
+        prompt = policy.encode(hf_prompt, "")
+        tps = decode_speed(policy, prompt, args.decode_tokens)
+        nbytes = weight_bytes(path)
+        bound = bandwidth / nbytes
+        drows.append([f"llama.cpp {name}", nbytes / 2**20, tps, bound, tps / bound])
+        del policy
+    print(f"\nsingle-stream decode ({args.decode_tokens} tokens after a {len(prompt)}-token prompt); "
+          f"copy bandwidth {bandwidth / 1e9:.2f} GB/s")
+    print(evaluate.format_table(drows, ["model", "weights MiB", "decode tok/s", "bound tok/s", "of bound"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
