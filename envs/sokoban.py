@@ -46,7 +46,9 @@ STEP_PENALTY, BOX_ON_REWARD, BOX_OFF_PENALTY, SOLVED_REWARD = -0.1, 1.0, -1.0, 1
 SYMBOLS = {WALL: "#", FLOOR: "_", TARGET: ".", BOX_ON: "*", BOX: "$", PLAYER: "@"}
 PLAYER_ON_TARGET = "+"
 OBSERVATIONS = ("text", "image", "both")
-IMAGE_ONLY_TEXT = "(shown in the image)"
+# With `observation: image` the map is a frame; its tiles (gym-sokoban's) in words:
+IMAGE_ONLY_TEXT = ("(shown in the image: brick walls, black floor, targets outlined in red, boxes are yellow "
+                   "crates, a box on a target has a red frame, the player is the green figure)")
 TILE = 16  # pixels per cell in gym-sokoban's renders
 LEGEND = "# wall, _ floor, . target, $ box, * box on target, @ player, + player on target"
 
