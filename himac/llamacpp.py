@@ -12,9 +12,15 @@ meaning, so an exported agent runs the very same episodes (text observations onl
   top-k, top-p or min-p, the distribution Policy samples), stopping after an EOS
   token or, with stop_at_newline, after any token whose text holds a newline.
 
-Prompts run one at a time (llama.cpp's high-level API decodes one sequence), but the
-KV cache keeps the longest prefix shared with the previous prompt, so a batch of
-executor prompts re-evaluates only what follows their common system prompt.
+How it runs (llama.cpp's low-level API, one context with `n_seq` KV sequences):
+- each prompt of a batch gets a sequence ("slot") whose cached tokens share the
+  longest prefix with it, and only the rest is evaluated. A prompt may also borrow a
+  longer prefix from another slot (llama_memory_seq_cp shares the cells, no copy):
+  an episode's next executor prompt starts where its previous one did (system
+  prompt, task, sub-goal), and a fresh episode borrows the common system prompt;
+- prompts are prefilled one after another, then decoded together: one llama_decode
+  per step holds the next token of every unfinished sequence, so the weights are
+  read once per step for the whole batch, as HF's batched generate does.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from himac.policy import Completion
 
 class LlamaCppPolicy:
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, lora_path: str | Path | None = None):
+                 seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16):
         try:
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -38,9 +44,13 @@ class LlamaCppPolicy:
         if not model_path.is_file():
             raise FileNotFoundError(f"GGUF file {model_path} does not exist")
         self.path = model_path
-        self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512,
-                         n_threads=n_threads or max(1, min(os.cpu_count() or 1, 16)), seed=seed, verbose=False,
-                         lora_path=str(lora_path) if lora_path else None)
+        threads = n_threads or max(1, min(os.cpu_count() or 1, 16))
+        # The Llama object gives the vocabulary, metadata and the LoRA adapter; its own context
+        # stays small and unused: generation runs in the multi-sequence context below.
+        self.llm = Llama(model_path=str(model_path), n_ctx=256, n_batch=256, n_threads=threads, seed=seed,
+                         verbose=False, lora_path=str(lora_path) if lora_path else None)
+        self.n_ctx, self.n_seq = n_ctx, n_seq
+        self._slots = _Slots(self.llm, n_ctx, n_seq, threads)
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
@@ -90,26 +100,36 @@ class LlamaCppPolicy:
     # -- generation ----------------------------------------------------------------
     def logits(self, prompt: list[int]) -> np.ndarray:
         """float32 next-token logits after `prompt`, (V,)."""
-        self._feed(prompt)
-        return self._last_logits()
+        return self._slots.prefill([prompt])[0]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
         if images and any(px is not None for px in images):
             raise ValueError("the llamacpp backend is text-only: evaluate image observations with --backend hf")
         stop = set(self.eos_ids) | (set(self.newline_ids()) if stop_at_newline else set())
-        out = []
-        for prompt in prompts:
-            self._feed(prompt)
-            ids: list[int] = []
-            for _ in range(max_new_tokens):
-                token = self._pick(self._last_logits(), temperature)
-                ids.append(token)
-                if token in stop or len(ids) == max_new_tokens:
-                    break
-                self._feed_more([token])
-            self.generated_tokens += len(ids)
-            out.append(Completion(ids, self.decode(ids)))
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.n_seq):
+            chunk = prompts[start:start + self.n_seq]
+            for p in chunk:
+                if len(p) + max_new_tokens > self.n_ctx:
+                    raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new ones exceeds n_ctx={self.n_ctx}")
+            logits = self._slots.prefill(chunk)  # [(V,)] per prompt
+            ids: list[list[int]] = [[] for _ in chunk]
+            live = list(range(len(chunk)))
+            while live:
+                feed = []
+                for i in live:
+                    token = self._pick(logits[i], temperature)
+                    ids[i].append(token)
+                    if token not in stop and len(ids[i]) < max_new_tokens:
+                        feed.append(i)
+                live = feed
+                if live:  # one decode step for every unfinished sequence together
+                    for i, row in zip(live, self._slots.step([(i, ids[i][-1]) for i in live])):
+                        logits[i] = row
+            self.generated_tokens += sum(len(x) for x in ids)
+            out += [Completion(x, self.decode(x)) for x in ids]
+        self.evaluated_tokens = self._slots.evaluated
         return out
 
     def _pick(self, logits: np.ndarray, temperature: float) -> int:
@@ -119,26 +139,122 @@ class LlamaCppPolicy:
         p = np.exp(z - z.max())
         return int(self._rng.choice(len(p), p=p / p.sum()))
 
-    def _feed(self, prompt: list[int]) -> None:
-        """Evaluate `prompt`, reusing the cached prefix it shares with what was evaluated last."""
-        if len(prompt) >= self.llm.n_ctx():
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit n_ctx={self.llm.n_ctx()}")
-        cached = self.llm.input_ids[:self.llm.n_tokens]
-        keep = 0
-        for a, b in zip(cached, prompt[:-1]):  # at least the last prompt token is evaluated: its logits are needed
-            if a != b:
+
+class _Slots:
+    """`n_seq` KV-cache sequences in one llama.cpp context, each remembering the tokens it holds.
+
+    prefill(prompts) puts prompt i of a batch in batch slot i's sequence (chosen per call
+    by longest shared prefix) and returns each prompt's last logits; step(tokens) then
+    appends one token to each named batch slot in a single decode.
+    """
+
+    def __init__(self, llm, n_ctx: int, n_seq: int, threads: int):
+        import llama_cpp as L
+        self.L, self.llm = L, llm
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx * 2, 512, 512, n_seq
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = True  # one cell pool: sequences that share a prefix share its cells
+        # Flash attention on the CPU rounds queries to f16: ~5e-4 off transformers' f32 logits, not ~1e-4.
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = L.llama_init_from_model(llm._model.model, cp)
+        if self.ctx is None:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx * 2} tokens x {n_seq} sequences")
+        adapter = getattr(llm, "_lora_adapter", None)
+        if adapter is not None:  # the Llama object loaded it; apply it to this context as well
+            import ctypes
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(adapter)
+            if L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale)):
+                raise RuntimeError("llama.cpp could not apply the LoRA adapter")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(512, 0, 1)
+        self.n_vocab = llm.n_vocab()
+        self.cached: list[list[int]] = [[] for _ in range(n_seq)]  # tokens held by each sequence
+        self.last_used = [0] * n_seq
+        self.clock = 0
+        self.current: list[int] = []  # batch slot -> sequence id, for step()
+        self.evaluated = 0
+
+    def __del__(self):
+        L = getattr(self, "L", None)
+        if L is not None and getattr(self, "ctx", None) is not None:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            self.ctx = None
+
+    def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
+        free = set(range(len(self.cached)))
+        self.current, out = [], []
+        for prompt in prompts:
+            self.clock += 1
+            seq = max(free, key=lambda s: (_shared(self.cached[s], prompt), self.last_used[s]))
+            free.discard(seq)
+            keep = _shared(self.cached[seq], prompt)
+            donor = max(range(len(self.cached)), key=lambda s: _shared(self.cached[s], prompt))
+            borrow = _shared(self.cached[donor], prompt)
+            self.L.llama_memory_seq_rm(self.mem, seq, 0 if borrow > keep else keep, -1)
+            if borrow > keep:  # share the donor's cells for the longer prefix
+                self.L.llama_memory_seq_cp(self.mem, donor, seq, 0, borrow)
+                keep = borrow
+            self.cached[seq] = list(prompt[:keep])
+            self.last_used[seq] = self.clock
+            self.current.append(seq)
+            out.append(self._extend(seq, prompt[keep:]))
+        return out
+
+    def step(self, tokens: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Append tokens[j] = (batch slot, token) to their sequences in one decode; (V,) logits each."""
+        b = self.batch
+        for j, (slot, token) in enumerate(tokens):
+            seq = self.current[slot]
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, len(self.cached[seq]), 1, 1
+            b.seq_id[j][0] = seq
+            self.cached[seq].append(token)
+        b.n_tokens = len(tokens)
+        self._decode(len(tokens))
+        return [self._logits(j) for j in range(len(tokens))]
+
+    def _extend(self, seq: int, tokens: list[int]) -> np.ndarray:
+        """Evaluate `tokens` at the end of sequence `seq` (n_batch at a time); the last one's logits."""
+        b = self.batch
+        for start in range(0, len(tokens), 512):
+            part = tokens[start:start + 512]
+            for j, token in enumerate(part):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, len(self.cached[seq]) + j, 1, 0
+                b.seq_id[j][0] = seq
+            b.logits[len(part) - 1] = 1
+            b.n_tokens = len(part)
+            self._decode(len(part))
+            self.cached[seq] += part
+        return self._logits(-1)
+
+    def _decode(self, n: int) -> None:
+        while True:
+            rc = self.L.llama_decode(self.ctx, self.batch)
+            if rc != 1:
                 break
-            keep += 1
-        self.llm.n_tokens = keep  # eval() drops the KV cache from n_tokens on
-        self._feed_more(prompt[keep:])
+            # 1: no room in the KV cache. Drop the least recently used sequence outside this batch.
+            idle = [s for s in range(len(self.cached)) if s not in self.current and self.cached[s]]
+            if not idle:
+                break
+            victim = min(idle, key=lambda s: self.last_used[s])
+            self.L.llama_memory_seq_rm(self.mem, victim, 0, -1)
+            self.cached[victim] = []
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}: the batch does not fit the KV cache "
+                               "(raise n_ctx or lower n_seq)")
+        self.evaluated += n
 
-    def _feed_more(self, tokens: list[int]) -> None:
-        if self.llm.n_tokens + len(tokens) >= self.llm.n_ctx():
-            raise ValueError(f"sequence of {self.llm.n_tokens + len(tokens)} tokens exceeds n_ctx={self.llm.n_ctx()}")
-        self.evaluated_tokens += len(tokens)
-        self.llm.eval(tokens)
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self.L.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)  # (V,)
 
-    def _last_logits(self) -> np.ndarray:
-        """Logits of the last evaluated position, (V,); read from the context, so logits_all is not needed."""
-        ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32, copy=True)
+
+def _shared(cached: list[int], prompt: list[int]) -> int:
+    """Length of the common prefix, leaving at least the prompt's last token to evaluate (its logits)."""
+    n = 0
+    for a, b in zip(cached, prompt[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
