@@ -14,8 +14,8 @@ from the task directory's name, reported with the paper's six names: pick, look,
 clean, heat, cool, pick2 (`eval/success_rate/<type>`; "All" is
 `eval/success_rate`). Seed -> game: `games[seed % n]` over the sorted game list
 of the split, so the same seed is always the same game; on the evaluation split
-evaluate.py's i-th seed plays game i (see make_pool), so `eval_episodes: 140`
-plays each valid_seen game once.
+evaluate.py's i-th seed plays the i-th game of a fixed shuffle (see make_pool),
+so `eval_episodes: 140` plays each valid_seen game once.
 
 Episode:
 - observation: the engine's text (the room at the start, then each command's
@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import random
 import re
 import shutil
 import sys
@@ -72,6 +73,7 @@ VERBS = ("go to", "take", "move", "put", "open", "close", "toggle", "use", "heat
          "examine", "look", "inventory")
 COMMAND = re.compile(r"^(?:" + "|".join(VERBS) + r")\b")
 NOTHING_HAPPENS = "Nothing happens."
+EVAL_SHUFFLE = 1234  # fixes the order in which evaluation visits a split's games
 HOW_TO_GET_DATA = ("get the game files with `pip install alfworld && alfworld-download` (it fills "
                    "$ALFWORLD_DATA/json_2.1.1), then set data_path or $ALFWORLD_DATA")
 
@@ -102,7 +104,7 @@ class AlfworldConfig:
     """Env worker processes stepping games in parallel (0: step them in the trainer's process)."""
     env_timeout_s: float = 120.0
     """A worker silent this long per game it holds is killed and its episodes fail."""
-    engine_cache: int = 16
+    engine_cache: int = 32
     """Loaded games kept per process for reuse (a few MB each); 0: load every episode afresh."""
 
     def __post_init__(self):
@@ -218,6 +220,7 @@ def memoise_translation(capacity: int = 64) -> None:
 
     pddl2sas.himac_memo = True
     pddl2sas.__wrapped__ = original
+    pddl2sas.cache_clear = memo.clear
     fast_downward.pddl2sas = pddl2sas
 
 
@@ -291,6 +294,21 @@ def split_intro(text: str) -> tuple[str, str]:
     return room.strip(), task.strip()
 
 
+def require_alfworld() -> None:
+    """An ImportError that says what to install, before anything else can fail for want of it."""
+    missing = [m for m in ("alfworld", "textworld", "fast_downward") if _absent(m)]
+    if missing:
+        raise ImportError(f"the alfworld env needs {missing}: pip install -e '.[alfworld]' "
+                          f"(alfworld>=0.4.2 brings textworld and fast-downward)")
+
+
+def _absent(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # sys.modules[module] is None: imports of it are blocked
+        return True
+
+
 def _commands(state) -> list[str]:
     """The engine's admissible commands, less "help" (grammar help text, never part of a task)."""
     return [c for c in state["admissible_commands"] if c != "help"]
@@ -300,10 +318,7 @@ class AlfworldEnv:
     """One ALFWorld episode at a time. `seed_index` (seed -> game index) overrides seed % n_games."""
 
     def __init__(self, cfg: AlfworldConfig, evaluation: bool = False, seed_index: dict[int, int] | None = None):
-        missing = [m for m in ("alfworld", "textworld", "fast_downward") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ImportError(f"the alfworld env needs {missing}: pip install -e '.[alfworld]' "
-                              f"(alfworld>=0.4.2 brings textworld and fast-downward)")
+        require_alfworld()
         self.cfg = cfg
         root = data_root((cfg.eval_data_path or cfg.data_path) if evaluation else cfg.data_path)
         self.games = find_games(str(root), cfg.eval_split if evaluation else cfg.train_split,
@@ -370,15 +385,23 @@ def make_pool(spec: EnvSpec, cfg: AlfworldConfig, evaluation: bool):
 
     The data path is resolved here, in the trainer, so a bad path fails at start-up
     with its message, not as every episode's load error inside the workers.
-    On the evaluation split, evaluate.py's i-th seed plays game i, so
-    `eval_episodes` = the split's size plays every game exactly once (the paper
-    reports all of valid_seen); seed % n would repeat some games and miss others.
+    On the evaluation split, evaluate.py's i-th seed plays the i-th game of a fixed
+    shuffle of the split: `eval_episodes` = the split's size plays every game
+    exactly once (the paper reports all of valid_seen), and fewer play a sample
+    without repeats across all types (seed % n would repeat some games and miss
+    others; the sorted order alone would give the first types only).
     """
-    games = AlfworldEnv(cfg, evaluation).games  # raises DataError now; also unpacks a tarball once
+    require_alfworld()
+    key = "eval_data_path" if evaluation and cfg.eval_data_path else "data_path"
+    # resolved here (a tarball unpacked once, $ALFWORLD_DATA read): workers get a plain folder
+    cfg = dataclasses.replace(cfg, **{key: str(data_root(getattr(cfg, key)))})
+    games = AlfworldEnv(cfg, evaluation).games  # a missing or empty split raises DataError now
     seed_index = None
     if evaluation:
         from himac.evaluate import eval_seeds
-        seed_index = {s: i for i, s in enumerate(eval_seeds(len(games)))}
+        order = list(range(len(games)))
+        random.Random(EVAL_SHUFFLE).shuffle(order)
+        seed_index = dict(zip(eval_seeds(len(games)), order))
     make = functools.partial(AlfworldEnv, evaluation=evaluation, seed_index=seed_index)
     if cfg.num_workers == 0:
         return SerialPool(dataclasses.replace(spec, make=make), cfg)

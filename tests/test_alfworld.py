@@ -10,24 +10,50 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("alfworld")
-pytest.importorskip("textworld")
-
-from envs import get_spec  # noqa: E402
-from envs.alfworld import (SPEC, TASK_TYPES, AlfworldConfig, AlfworldEnv, DataError, find_games,  # noqa: E402
-                           load_engine, parse_action)
-from envs.alfworld_games import KINDS, planner_solution, tiny_game, write_tiny_games  # noqa: E402
-from envs.base import SerialPool  # noqa: E402
+from envs import get_spec
+from envs.alfworld import (SPEC, TASK_TYPES, AlfworldConfig, AlfworldEnv, DataError, find_games, load_engine,
+                           parse_action)
+from envs.alfworld_games import KINDS, planner_solution, tiny_game, write_tiny_games
+from envs.base import SerialPool
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alfworld"
 TOOL_STEP = {"clean": "clean ", "heat": "heat ", "cool": "cool "}
+RUNS_WITHOUT_ALFWORLD = {"test_envs_import_without_alfworld", "test_parse_action", "test_unknown_task_type_is_a_config_error"}
+
+
+def needs_alfworld():
+    pytest.importorskip("alfworld")
+    pytest.importorskip("textworld")
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_alfworld(request):
+    if request.node.originalname not in RUNS_WITHOUT_ALFWORLD:
+        needs_alfworld()
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """One generated game of each type in train and in valid_seen, in alfworld-download's layout."""
+    needs_alfworld()
     return write_tiny_games(tmp_path_factory.mktemp("alfworld"), per_type=1)
+
+
+def test_envs_import_without_alfworld(tmp_path):
+    """himac and envs import, and alfworld is registered, with alfworld/textworld absent; using it says what to install."""
+    code = (
+        "import sys\n"
+        "for m in ('alfworld', 'textworld', 'fast_downward'): sys.modules[m] = None  # as if not installed\n"
+        "import himac.coevolve, envs\n"
+        "from envs.alfworld import AlfworldConfig\n"
+        "spec = envs.get_spec('alfworld')\n"
+        f"try: spec.pool(AlfworldConfig(data_path={str(tmp_path)!r}))\n"
+        "except ImportError as e: print('ImportError:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ImportError: the alfworld env needs ['alfworld', 'textworld', 'fast_downward']" in proc.stdout
+    assert "pip install -e '.[alfworld]'" in proc.stdout
 
 
 def env_on(root, **kw) -> AlfworldEnv:
@@ -167,6 +193,20 @@ def test_task_types_filter_and_eval_split(tiny_root):
     ev = AlfworldEnv(cfg, evaluation=True)
     assert all("/valid_seen/" in g for g, _ in ev.games)
     assert not set(g for g, _ in ev.games) & set(g for g, _ in env.games)
+
+
+def test_evaluation_plays_each_game_of_the_split_once(tiny_root):
+    from himac.evaluate import eval_seeds
+    pool = SPEC.pool(AlfworldConfig(data_path=str(tiny_root), num_workers=0), evaluation=True)
+    try:
+        pool.reset(eval_seeds(6))
+        games = [pool.env(i).game for i in range(6)]
+        assert len(set(games)) == 6 and all("/valid_seen/" in g for g in games)
+        assert sorted(pool.task_types) == sorted(TASK_TYPES.values())
+        first3 = pool.reset(eval_seeds(3)) and [pool.env(i).game for i in range(3)]
+        assert first3 == games[:3]  # the same seeds, the same games
+    finally:
+        pool.close()
 
 
 # -- data path errors -------------------------------------------------------------------------------
