@@ -76,7 +76,8 @@ class LlamaCppPolicy:
 
     def newline_ids(self) -> list[int]:
         if self._newline_ids is None:
-            self._newline_ids = [i for i in range(self.llm.n_vocab()) if b"\n" in self.llm.detokenize([i], special=True)]
+            n = self.llm.n_vocab()
+            self._newline_ids = [i for i in range(n) if b"\n" in self.llm.detokenize([i], special=True)]
         return self._newline_ids
 
     # -- prompts -------------------------------------------------------------------
@@ -112,7 +113,8 @@ class LlamaCppPolicy:
             chunk = prompts[start:start + self.n_seq]
             for p in chunk:
                 if len(p) + max_new_tokens > self.n_ctx:
-                    raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new ones exceeds n_ctx={self.n_ctx}")
+                    raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new ones exceeds "
+                                     f"n_ctx={self.n_ctx}")
             logits = self._slots.prefill(chunk)  # [(V,)] per prompt
             ids: list[list[int]] = [[] for _ in chunk]
             live = list(range(len(chunk)))

@@ -170,6 +170,25 @@ def test_f32_logits_equal_transformers(exported, fam):
         torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)  # measured: ~7e-5; a wrong rope layout: ~3e-2
 
 
+def test_4bit_run_exports_the_weights_it_was_trained_on(tmp_path):
+    """base="trained": a QLoRA run is merged into its NF4-dequantised weights, so llama.cpp
+    computes what the training policy (NF4 base + LoRA) computed."""
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    run = make_run(tmp_path / "run", load_in_4bit=True)
+    cfg, adapter = export.read_run(run)
+    assert cfg.load_in_4bit
+    model, tok = models.load(cfg, adapter_dir=adapter)
+    prompt = chat_prompts(tok)[0]
+    with torch.no_grad():
+        ref = model.eval()(input_ids=torch.tensor([prompt])).logits[0, -1].float()  # (V,)
+    trained = LlamaCppPolicy(export.export_run(run, tmp_path / "t.gguf", "f32", progress=False), n_ctx=1024)
+    original = LlamaCppPolicy(export.export_run(run, tmp_path / "o.gguf", "f32", "original", progress=False),
+                              n_ctx=1024)
+    torch.testing.assert_close(torch.from_numpy(trained.logits(prompt)), ref, rtol=0, atol=5e-4)
+    assert (torch.from_numpy(original.logits(prompt)) - ref).abs().max() > 5e-3  # NF4 rounding is visible
+
+
 def test_quantised_exports_load_and_stay_close(runs, exported, tmp_path):
     pytest.importorskip("llama_cpp")
     import gguf

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
             print("note: llama-cpp-python is not installed; tokenizer not verified", file=sys.stderr)
             return 0
         if bad:
-            print(f"error: llama.cpp tokenises {len(bad)} check prompts differently, first: {bad[0]!r}", file=sys.stderr)
+            print(f"error: llama.cpp tokenises {len(bad)} check prompts differently, first: {bad[0]!r}",
+                  file=sys.stderr)
             return 1
         print("tokenizer verified: llama.cpp and the training tokenizer agree on the check prompts")
     return 0
