@@ -35,6 +35,9 @@ from himac.policy import Completion
 class LlamaCppPolicy:
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16):
+        """`n_ctx`: the longest prompt + completion; the KV cache holds 2 * n_ctx cells shared by
+        `n_seq` sequences (prompts per decode batch), least recently used ones evicted when full.
+        `lora_path`: a LoRA adapter GGUF (export.write_lora_gguf) applied on top of the model."""
         try:
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
