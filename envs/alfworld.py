@@ -279,6 +279,7 @@ def parse_action(text: str) -> tuple[str | None, bool]:
     """
     for line in text.splitlines():
         line = re.sub(r"^\s*(?:action|command)\s*:\s*", "", line.strip(), flags=re.IGNORECASE)
+        line = re.sub(r"^(?:[-*>]|\d+[.)])\s+", "", line.strip())  # a copied list marker: "- go to ..."
         line = " ".join(line.strip().strip("`'\"[]<>*").rstrip(".").lower().split())
         if line:
             return (line, True) if COMMAND.match(line) else (None, False)

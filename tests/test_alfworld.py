@@ -145,6 +145,8 @@ def test_memoised_translation_plays_the_same_game(tiny_root, monkeypatch):
     ("Action:  Take Apple 1 from CounterTop 1.\nmore text", ("take apple 1 from countertop 1", True)),
     ("Action: `open drawer 2`", ("open drawer 2", True)),
     ("Action: \n\nlook", ("look", True)),
+    ("Action: - go to cabinet 10", ("go to cabinet 10", True)),
+    ("Action: 2. examine desk 1", ("examine desk 1", True)),
     ("Action: I think I should open the fridge", (None, False)),
     ("Action: fly to the moon", (None, False)),
     ("Action:", (None, False)),

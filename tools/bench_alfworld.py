@@ -8,13 +8,18 @@ fast-downward's translation memoised (what envs/alfworld.py does) and without,
 and a step (the game's walkthrough). Part 2 plays the same batch of `--envs`
 games (`--steps` lockstep batch steps on their walkthroughs, then "look") through
 SerialPool (num_workers 0, the baseline) and ProcPool with 1, 2, ... workers,
-measured in this run, and prints each pool's time and its speed-up over serial.
+measured in this run, and prints each pool's time and its speed-up over serial,
+next to the machine's own headroom measured in the same run (two plain CPU-bound
+processes at once vs one after another): on a machine shared with other jobs
+no pool can beat that.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.alfworld import SPEC, AlfworldConfig, AlfworldEnv, load_engine  # noqa: E402
 from envs.alfworld_games import write_tiny_games  # noqa: E402
+
+
+def headroom(jobs: int = 2) -> float:
+    """Speed-up this machine gives right now to `jobs` CPU-bound processes run at once instead
+    of one after another: the ceiling for any pool's speed-up (other users' load lowers it)."""
+    code = "s = 0\nfor i in range(10_000_000): s += i"
+    tic = time.perf_counter()
+    for _ in range(jobs):
+        subprocess.run([sys.executable, "-c", code], check=True)
+    one_by_one = time.perf_counter() - tic
+    tic = time.perf_counter()
+    for p in [subprocess.Popen([sys.executable, "-c", code]) for _ in range(jobs)]:
+        p.wait()
+    return one_by_one / (time.perf_counter() - tic)
 
 
 def engine_times(games: list[str]) -> dict:
@@ -107,6 +126,10 @@ def main() -> int:
         print(f"| {name:16} | {statistics.mean(xs):6.3f} | {statistics.median(xs):6.3f} | {len(xs):4d} |")
 
     print(f"\npart 2: {args.envs} envs, {args.steps} lockstep steps (seconds; speed-up = serial / this)")
+    ceiling = {w: headroom(w) for w in args.workers if w > 1}
+    for w, x in ceiling.items():
+        print(f"machine headroom now: {w} CPU-bound processes at once run {x:.2f}x faster than one after another "
+              f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     rows = [("serial (0 workers)", play(base, seeds, plans, args.steps))]
     for w in args.workers:
         cfg = AlfworldConfig(data_path=data, train_split=args.split, num_workers=w)
