@@ -51,6 +51,8 @@ class SlotView:
 
 
 class ProcPool:
+    """SerialPool's interface over `num_workers` processes; `make(cfg)` builds each env in its worker."""
+
     def __init__(self, make: Callable[[Any], Any], cfg: Any, num_workers: int = 2, timeout_s: float = 60.0):
         if num_workers < 1:
             raise ValueError(f"num_workers = {num_workers!r}: a process pool needs at least one worker")
