@@ -162,6 +162,8 @@ class _Slots:
         cp.kv_unified = True  # one cell pool: sequences that share a prefix share its cells
         # Flash attention on the CPU rounds queries to f16: ~5e-4 off transformers' f32 logits, not ~1e-4.
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if llm.metadata.get("general.file_type") == "0":  # an f32 model keeps an f32 KV cache (f16 by default)
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
         self.ctx = L.llama_init_from_model(llm._model.model, cp)
         if self.ctx is None:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx * 2} tokens x {n_seq} sequences")

@@ -77,15 +77,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = evaluate.resolve_config(args.config, args.checkpoint, {})
+    # The embedded base runs unquantised on both sides: HF in f32, llama.cpp on GGUFs of the same weights.
+    cfg = evaluate.resolve_config(args.config, args.checkpoint,
+                                  {"load_in_4bit": False} if args.checkpoint in models.EMBEDDED else {})
 
     ggufs: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="himac-bench-"))
     if args.checkpoint in models.EMBEDDED:
         ggufs["embedded Q4_1"] = models.embedded_gguf(args.checkpoint)
-        model_cfg, adapter = cfg.model, None
         import dataclasses
-        model_cfg = dataclasses.replace(model_cfg, model=args.checkpoint, load_in_4bit=False)
+        model_cfg, adapter = dataclasses.replace(cfg.model, model=args.checkpoint), None
     else:
         model_cfg, adapter = export.read_run(args.checkpoint)
     state, hf_config, tok = export.merged_state(model_cfg, adapter)
