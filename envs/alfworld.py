@@ -372,8 +372,11 @@ class AlfworldEnv:
         return self._obs(feedback), reward, done, info
 
     def _obs(self, text: str) -> Obs:
-        listing = "\n".join(f"- {c}" for c in self.admissible)
-        return Obs(text=f"{text}\nAdmissible commands:\n{listing}", feedback=text, admissible=list(self.admissible))
+        # One line, comma-separated (commands hold no commas). Listed one per line as "- cmd",
+        # SmolLM2-135M answered "Action:" + newline + "- go to bed 1" (3 of 3 games, greedy),
+        # which the executor's stop-at-newline cuts to nothing; inline, 2 of 3 were admissible.
+        listing = ", ".join(self.admissible)
+        return Obs(text=f"{text}\nAdmissible commands: {listing}.", feedback=text, admissible=list(self.admissible))
 
     def close(self) -> None:
         if self.engine is not None:

@@ -162,7 +162,7 @@ class ProcPool:
             if isinstance(answer, _Lost):
                 self._workers[w] = None
                 if worker is not None:
-                    worker.stop()
+                    worker.stop(polite=False)  # a hung worker would not hear "close"
                 for s in range(w, self._n, self.num_workers):
                     self._dead[s] = answer.why
             answers[w] = answer
@@ -205,8 +205,8 @@ class _Worker:
             code = self.proc.wait(5) if self.proc.poll() is None else self.proc.returncode
             return _Lost(f"env worker pid {self.proc.pid} died (exit code {code})")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
+    def stop(self, polite: bool = True) -> None:
+        if polite and self.proc.poll() is None:
             try:
                 self.conn.send(("close", None))
                 self.proc.wait(5)

@@ -162,7 +162,7 @@ def test_invalid_and_inadmissible_commands_cost_a_step_and_change_nothing(tiny_r
     first = env.reset(seed)
     assert "You are in the middle of a room" in first.text and "Your task" not in first.text
     assert first.admissible and "help" not in first.admissible
-    assert all(f"- {c}" in first.text for c in first.admissible)
+    assert first.text.endswith("Admissible commands: " + ", ".join(first.admissible) + ".")
     obs, reward, done, info = env.step("take apple 1 from fridge 1")  # command-shaped, not admissible
     assert (obs.feedback, reward, done, info["invalid"]) == ("Nothing happens.", -0.1, False, True)
     assert obs.admissible == first.admissible
