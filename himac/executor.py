@@ -224,6 +224,8 @@ def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: 
     if not step.valid:
         t.invalid += 1
         reward += cfg.invalid_action_penalty
+    elif info.get("invalid"):  # well-formed but refused by the env (ALFWorld: not admissible now); the env priced it
+        t.invalid += 1
     step.reward = reward
     t.ret += reward
     t.env_steps += 1
