@@ -280,6 +280,7 @@ def parse_action(text: str) -> tuple[str | None, bool]:
     for line in text.splitlines():
         line = re.sub(r"^\s*(?:action|command)\s*:\s*", "", line.strip(), flags=re.IGNORECASE)
         line = re.sub(r"^(?:[-*>]|\d+[.)])\s+", "", line.strip())  # a copied list marker: "- go to ..."
+        line = line.split(",")[0]  # no command has a comma: a copied list "go to a 1, go to b 1" -> its first
         line = " ".join(line.strip().strip("`'\"[]<>*").rstrip(".").lower().split())
         if line:
             return (line, True) if COMMAND.match(line) else (None, False)

@@ -147,6 +147,7 @@ def test_memoised_translation_plays_the_same_game(tiny_root, monkeypatch):
     ("Action: \n\nlook", ("look", True)),
     ("Action: - go to cabinet 10", ("go to cabinet 10", True)),
     ("Action: 2. examine desk 1", ("examine desk 1", True)),
+    ("Action: go to armchair 1, go to armchair 2, go to", ("go to armchair 1", True)),  # a copied list
     ("Action: I think I should open the fridge", (None, False)),
     ("Action: fly to the moon", (None, False)),
     ("Action:", (None, False)),
