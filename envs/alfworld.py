@@ -50,10 +50,8 @@ import importlib.util
 import os
 import random
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,26 +135,15 @@ def data_root(path: str) -> Path:
 
 def _unpacked(tarball: Path) -> Path:
     """Unpack `tarball` under $HIMAC_CACHE/alfworld/<name>/ once; a half-done unpack never counts."""
-    from himac.models import cache_dir
+    from himac.cache import atomic_dir, cache_dir
     name = tarball.name.split(".tar")[0].split(".tgz")[0]
-    target = cache_dir() / "alfworld" / name
-    if (target / ".complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=name + ".tmp"))
-    try:
+
+    def unpack(tmp: Path) -> None:
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
         (tmp / ".complete").write_text(str(tarball))
-        if (target / ".complete").is_file():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_dir(cache_dir() / "alfworld" / name, unpack, marker=".complete")
 
 
 def task_type_of(task_dir: str) -> str:

