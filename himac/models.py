@@ -145,19 +145,26 @@ def tiny_corpus() -> list[str]:
     return texts * 4
 
 
-def build_tiny(path: Path, hidden: int, seed: int) -> None:
-    """Write a random tiny Qwen2 + a ChatML BPE tokenizer trained on `tiny_corpus()`."""
+def tiny_tokenizer(specials: list[str], chat_template: str):
+    """A byte-level BPE (600 tokens) trained on `tiny_corpus()`, with ChatML specials: tests only."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=TINY_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(tiny_corpus(), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   bos_token=None, unk_token=None)
-    tok.chat_template = CHATML_TEMPLATE
+    tok.chat_template = chat_template
+    return tok
+
+
+def build_tiny(path: Path, hidden: int, seed: int) -> None:
+    """Write a random tiny Qwen2 + a ChatML BPE tokenizer trained on `tiny_corpus()`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = tiny_tokenizer(TINY_SPECIALS, CHATML_TEMPLATE)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=4096, tie_word_embeddings=True,

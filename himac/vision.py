@@ -112,20 +112,11 @@ def collate(pixels: list[Pixels | None]) -> dict[str, torch.Tensor]:
 # -- the tiny test model -----------------------------------------------------------
 def build_tiny_vl(path: Path, hidden: int, seed: int) -> None:
     """Write a random tiny Qwen2.5-VL, its tokenizer (tiny BPE + vision specials) and image processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from himac.models import TINY_SPECIALS, tiny_corpus
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    from himac.models import TINY_SPECIALS, tiny_tokenizer
     specials = TINY_SPECIALS + [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tiny_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = VL_CHAT_TEMPLATE
+    tok = tiny_tokenizer(specials, VL_CHAT_TEMPLATE)
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
     heads = 4
     half = hidden // heads // 2  # rotary half-dim, split over (time, height, width) as Qwen's 16/24/24 of 64

@@ -137,3 +137,22 @@ def warm_start_tiny(out_dir, steps: int = 120, seed: int = 0) -> str:
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def logits_grads(policy, rows, kinds):
+    """Loss of one phase over all rows (no KL); returns d loss / d logits, (R, C, V)."""
+    from himac.update import UpdateConfig, row_weights, rows_loss
+    captured = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    handle = policy.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        loss, _ = rows_loss(policy, rows, row_weights(rows, kinds), UpdateConfig(kl_beta=0.0))
+        loss.backward()
+    finally:
+        handle.remove()
+    policy.model.zero_grad(set_to_none=True)
+    return captured["logits"].grad

@@ -3,6 +3,8 @@ padding-invariant log-probs, and pi_ref = the adapter switched off."""
 import pytest
 import torch
 
+from helpers import logits_grads
+
 from himac.update import ACTION, BLUEPRINT, Row, UpdateConfig, make_optimizer, policy_update, row_weights, rows_loss
 
 
@@ -17,24 +19,6 @@ def rows_for(policy):
         Row(p3, enc(" left<sub_done>"), ACTION, 1, -0.5),
         Row(p2, enc(" up"), ACTION, 2, 0.8),
     ]
-
-
-def logits_grads(policy, rows, kinds):
-    """Loss of one phase over all rows; returns d loss / d logits, (R, C, V)."""
-    captured = {}
-
-    def hook(module, inputs, output):
-        output.retain_grad()
-        captured["logits"] = output
-
-    handle = policy.model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        loss, _ = rows_loss(policy, rows, row_weights(rows, kinds), UpdateConfig(kl_beta=0.0))
-        loss.backward()
-    finally:
-        handle.remove()
-    policy.model.zero_grad(set_to_none=True)
-    return captured["logits"].grad
 
 
 def test_phase_a_has_no_gradient_through_action_tokens(tiny_policy):

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import logits_grads
+
 from envs.base import SerialPool
 from envs.sokoban import IMAGE_ONLY_TEXT, PROMPTS, SPEC, SokobanConfig, SokobanEnv, parse_room, render_rgb, render_text
 from himac import executor, models, planner, vision
 from himac.policy import Completion, Policy
-from himac.update import ACTION, BLUEPRINT, UpdateConfig, make_optimizer, policy_update, row_weights, rows_loss
+from himac.update import ACTION, BLUEPRINT, UpdateConfig, make_optimizer, policy_update
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ["#######\n#@_$_.#\n#__*__#\n#######",  # box, box on target, target
@@ -229,22 +231,6 @@ def test_executor_sees_the_current_frame_as_the_room_changes(vl_policy):
     assert len(set(maps)) >= 3  # the player moved: the frames shown were not all the first one
 
 
-def grads_per_row(policy, rows, kinds):
-    store = {}
-
-    def hook(module, inputs, output):
-        output.retain_grad()
-        store["logits"] = output
-    handle = policy.model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        loss, _ = rows_loss(policy, rows, row_weights(rows, kinds), UpdateConfig(kl_beta=0.0))
-        loss.backward()
-    finally:
-        handle.remove()
-    policy.model.zero_grad(set_to_none=True)
-    return store["logits"].grad  # (R, C, V)
-
-
 def test_phase_a_and_phase_b_gradients_only_where_the_masks_say(vl_policy):
     bps, trajs = rollout(vl_policy)
     flat = [z for g in bps for z in g]
@@ -253,7 +239,7 @@ def test_phase_a_and_phase_b_gradients_only_where_the_masks_say(vl_policy):
     rows = [r for r in rows if r.completion_ids]
     assert all(r.images is not None for r in rows)
     for kinds, trained in (({BLUEPRINT}, BLUEPRINT), ({ACTION}, ACTION)):
-        grad = grads_per_row(vl_policy, rows, kinds)
+        grad = logits_grads(vl_policy, rows, kinds)
         for i, r in enumerate(rows):
             n = len(r.completion_ids)
             if r.kind == trained:
