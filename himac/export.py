@@ -17,7 +17,8 @@ Choices worth knowing:
 - Llama's q/k rows are permuted into llama.cpp's rotary layout (HF's rotate_half
   pairs dimension i with i + d/2; llama.cpp's LLAMA rope pairs 2i with 2i + 1).
   Qwen2 runs NEOX rope in llama.cpp, which is HF's layout: no permutation.
-- f32/f16/q8_0 are written with the `gguf` package (q8_0 with its numpy quantiser);
+- f32/bf16/f16/q8_0 are written with the `gguf` package (bf16 and q8_0 with its numpy
+  quantisers);
   q4_k_m writes f16 first and runs llama-cpp-python's own quantiser on it. 1-D
   tensors (norms, biases) stay f32 in every mode, as llama.cpp expects.
 - The vocabulary is padded with unused `[PAD{i}]` tokens up to the embedding rows
@@ -40,8 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
-FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+QUANTS = ("f32", "bf16", "f16", "q8_0", "q4_k_m")
+FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum value, used by llama_model_quantize
 
@@ -224,6 +225,8 @@ def write_gguf(state: dict[str, torch.Tensor], hf_config, tokenizer, out: str | 
 def _encode(a: np.ndarray, quant: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
     if a.ndim == 1 or quant == "f32":
         return a.astype(np.float32), None
+    if quant == "bf16":  # f32's exponent range at half the bytes; llama.cpp's fastest CPU prompt path here
+        return gguf.quants.quantize(a, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
     if quant == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return a.astype(np.float16), None  # f16, or q8_0 rows that do not fill whole blocks

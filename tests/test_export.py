@@ -170,6 +170,25 @@ def test_f32_logits_equal_transformers(exported, fam):
         torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)  # measured: ~7e-5; a wrong rope layout: ~3e-2
 
 
+def test_packed_prefill_of_many_prompts_equals_transformers(exported):
+    """Several prompts' uncached tokens packed into shared decodes (some borrowing another
+    prompt's cached prefix in the same call, one longer than the rest) each get their own logits."""
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    path, model, tok = exported["qwen2"]
+    lc = LlamaCppPolicy(path, n_ctx=2048, n_seq=4)
+    plan, act, done = chat_prompts(tok)
+    long = act + tok.encode(" left right" * 40, add_special_tokens=False)
+    calls = [[plan, act], [done, act[:-3], long, plan]]  # 2nd call: prefixes cached by the 1st, borrowed
+    for prompts in calls:
+        got = lc._slots.prefill(prompts)
+        for prompt, row in zip(prompts, got):
+            with torch.no_grad():
+                ref = model(input_ids=torch.tensor([prompt])).logits[0, -1].float()  # (V,)
+            torch.testing.assert_close(torch.from_numpy(row), ref, rtol=0, atol=5e-4)
+    assert lc._slots.evaluated < sum(len(p) for c in calls for p in c)  # the cached prefixes were reused
+
+
 def test_4bit_run_exports_the_weights_it_was_trained_on(tmp_path):
     """base="trained": a QLoRA run is merged into its NF4-dequantised weights, so llama.cpp
     computes what the training policy (NF4 base + LoRA) computed."""
@@ -197,7 +216,7 @@ def test_quantised_exports_load_and_stay_close(runs, exported, tmp_path):
     path, _, tok = exported["qwen2"]
     prompt = chat_prompts(tok)[0]
     ref = LlamaCppPolicy(path, n_ctx=1024).logits(prompt)
-    for quant, ftype, min_corr in (("f16", 1, 0.999), ("q8_0", 7, 0.99), ("q4_k_m", 15, 0.8)):
+    for quant, ftype, min_corr in (("bf16", 32, 0.999), ("f16", 1, 0.999), ("q8_0", 7, 0.99), ("q4_k_m", 15, 0.8)):
         out = export.export_run(runs["qwen2"], tmp_path / f"{quant}.gguf", quant, progress=False)
         assert gguf.GGUFReader(out).fields["general.file_type"].contents() == ftype
         got = LlamaCppPolicy(out, n_ctx=1024).logits(prompt)

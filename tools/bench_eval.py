@@ -2,7 +2,7 @@
 and llama.cpp's single-stream decode speed against the memory-bandwidth bound.
 
     python tools/bench_eval.py [--config configs/sokoban_cpu.yaml] [--checkpoint smollm2-135m|RUN_DIR]
-        [--episodes 8] [--quants f16,q8_0] [--decode-tokens 64] [--threads N]
+        [--episodes 8] [--quants f32,bf16,q8_0] [--decode-tokens 64] [--pp-tokens 256] [--threads N]
 
 Rows, all measured in this run on this machine:
 - evaluation: episodes/s and generated tokens/s (generated tokens over seconds spent
@@ -10,6 +10,10 @@ Rows, all measured in this run on this machine:
   same weights: the embedded Q4_1 file when the checkpoint is the embedded model,
   and exports of the (dequantised, merged) weights at each --quants precision;
   ratio = episodes/s over HF's.
+- prompt processing: tokens/s of one --pp-tokens prompt evaluated in one call, HF f32
+  vs each GGUF, and the ceiling it puts on "x HF": an evaluation made only of prompt
+  processing (a fair model of this workload, where most time goes there) speeds up by
+  at most (llama.cpp prompt tokens/s / HF's) / (share of tokens llama.cpp computes).
 - decode: one sequence, tokens/s of single-token steps after a prompt, against the
   bound = copy bandwidth / bytes read per token (every weight once; the KV cache
   of a short context is negligible). Copy bandwidth is the better of a numpy copy
@@ -56,6 +60,28 @@ def weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
+def hf_prefill_speed(model, n: int, repeats: int = 3) -> float:
+    """transformers' prompt tokens/s: one forward of n random tokens, last logits only."""
+    x = torch.randint(100, 1000, (1, n))
+    with torch.inference_mode():
+        model(x, logits_to_keep=1)  # warm-up
+        return n / min(_timed(lambda: model(x, logits_to_keep=1)) for _ in range(repeats))
+
+
+def prefill_speed(policy: LlamaCppPolicy, n: int, repeats: int = 3) -> float:
+    """llama.cpp's prompt tokens/s: n fresh tokens (no cached prefix) in one prefill call."""
+    import llama_cpp
+    slots = policy._slots
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 1000, n)]
+
+    def run():
+        llama_cpp.llama_memory_clear(slots.mem, True)
+        slots.cached = [[] for _ in slots.cached]
+        slots.prefill([prompt])
+    run()  # warm-up
+    return n / min(_timed(run) for _ in range(repeats))
+
+
 def decode_speed(policy: LlamaCppPolicy, prompt: list[int], n: int) -> float:
     """Single-stream decode tokens/s: greedy one-token steps (one sequence) after the prompt is cached."""
     slots = policy._slots  # the engine itself: generate() would stop at the first EOS
@@ -71,8 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
     ap.add_argument("--checkpoint", default="smollm2-135m", help="run directory or embedded model name")
     ap.add_argument("--episodes", type=int, default=8)
-    ap.add_argument("--quants", default="f16,q8_0", help="export precisions to run through llama.cpp")
+    ap.add_argument("--quants", default="f32,bf16,q8_0", help="export precisions to run through llama.cpp")
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--pp-tokens", type=int, default=256, help="prompt length for the prompt-processing rows")
     ap.add_argument("--threads", type=int, help="threads for both torch and llama.cpp (default: all cores)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -100,6 +127,7 @@ def main(argv=None) -> int:
     hf = evaluate.load_backend("hf", args.checkpoint, cfg)
     results["HF transformers f32"] = evaluate.run_evaluation(hf, cfg, args.episodes)
     hf_prompt = None
+    hf_pp = hf_prefill_speed(hf.model, args.pp_tokens)
     del hf
     for name, path in ggufs.items():
         policy = LlamaCppPolicy(path, n_threads=args.threads, seed=cfg.run.seed)
@@ -113,6 +141,17 @@ def main(argv=None) -> int:
     print("\n" + evaluate.format_table(rows, ["backend", "success", "episodes/s", "gen tokens/s", "x HF",
                                                "tokens computed"]))
     print("(tokens computed: share of prompt + generated tokens the model evaluated; llama.cpp reuses cached prefixes)")
+
+    prows = [["HF transformers f32", hf_pp, 1.0, 1.0, 1.0]]
+    for name, path in ggufs.items():
+        policy = LlamaCppPolicy(path, n_threads=args.threads)
+        pp = prefill_speed(policy, args.pp_tokens)
+        share = results[f"llama.cpp {name}"]["computed"]
+        prows.append([f"llama.cpp {name}", pp, pp / hf_pp, share, pp / hf_pp / share])
+        del policy
+    print(f"\nprompt processing ({args.pp_tokens}-token prompt, one call)")
+    print(evaluate.format_table(prows, ["backend", "prompt tok/s", "x HF", "tokens computed", "ceiling x HF"]))
+    print("(ceiling: the x HF an evaluation made only of prompt processing could reach)")
 
     bandwidth = copy_bandwidth()
     drows = []
