@@ -46,6 +46,11 @@ class Row:
 class UpdateConfig:
     lr: float = 1e-5
     """AdamW learning rate of the LoRA parameters."""
+    planner_lr: float | None = None
+    """Learning rate of Phase A's blueprint-only steps (None: lr). Both roles share the LoRA
+    weights, and Adam makes every step about lr long whatever the gradient's size, so a
+    macro step on weak blueprint advantages still moves the executor by lr: a lower
+    planner_lr keeps that drift down."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -76,6 +81,7 @@ class UpdateConfig:
     def __post_init__(self):
         from himac.config import check
         check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.planner_lr is None or self.planner_lr > 0, "planner_lr", self.planner_lr, "must be > 0 or null")
         check(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must be in (0, 1)")
         check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
         check(self.adv_eps > 0, "adv_eps", self.adv_eps, "must be > 0")
@@ -170,6 +176,9 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[R
                 tokens += n
             params = [p for g in optimizer.param_groups for p in g["params"]]
             totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
+            for g in optimizer.param_groups:
+                g["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done_steps += 1

@@ -133,3 +133,21 @@ def test_update_with_no_selected_rows_is_a_no_op(tiny_policy):
     rows = [r for r in rows_for(tiny_policy) if r.kind == ACTION]
     opt = make_optimizer(tiny_policy.model, UpdateConfig())
     assert policy_update(tiny_policy, opt, rows, UpdateConfig(), {BLUEPRINT}) == {}
+
+
+def _largest_move(policy, step) -> float:
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    step()
+    return max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
+
+
+def test_planner_lr_sets_the_step_of_blueprint_only_updates(tiny_policy):
+    """Adam's first step moves each parameter by ~lr whatever the gradient's size: Phase A
+    steps by planner_lr, Phase B and the joint (w/o co-evolution) step by lr."""
+    rows = rows_for(tiny_policy)
+    cfg = UpdateConfig(lr=1e-2, planner_lr=1e-4, kl_beta=0.0)
+    for kinds, lr in (({BLUEPRINT}, 1e-4), ({ACTION}, 1e-2), ({BLUEPRINT, ACTION}, 1e-2)):
+        opt = make_optimizer(tiny_policy.model, cfg)
+        moved = _largest_move(tiny_policy, lambda: policy_update(tiny_policy, opt, rows, cfg, kinds))
+        assert 0.5 * lr < moved <= lr * 1.001, (kinds, moved)
