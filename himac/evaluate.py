@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                     ".gguf file, hf otherwise")
     ap.add_argument("--episodes", type=int, help="held-out episodes (default: the config's eval_episodes, or 16)")
     ap.add_argument("--seed-offset", type=int, default=0, help="start of the held-out seed stream")
+    from himac.export import QUANTS
     ap.add_argument("--quant", default="f32", help="llamacpp on a run directory: precision of the GGUF it is "
-                    "exported to first (f32, f16, q8_0, q4_k_m)")
+                    f"exported to first ({', '.join(QUANTS)})")
     ap.add_argument("--threads", type=int, help="CPU threads of either backend (default: all cores)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="llama.cpp context length")
     ap.add_argument("--out", help="write the report (metrics and every episode) as JSON here")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     backend = args.backend or ("llamacpp" if args.checkpoint.endswith(".gguf") else "hf")
     try:
-        from himac.export import QUANTS, UnsupportedModel
+        from himac.export import UnsupportedModel
         if args.quant not in QUANTS:
             raise C.ConfigError(f"--quant {args.quant!r}: must be one of {', '.join(QUANTS)}")
         cfg = resolve_config(args.config, args.checkpoint, C.parse_overrides(args.overrides))

@@ -42,8 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 QUANTS = ("f32", "bf16", "f16", "q8_0", "q4_k_m")
-FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum value, used by llama_model_quantize
 
 # Pre-tokenizer regexes of known byte-level BPE tokenizers (tokenizer.json "Split" pattern)

@@ -189,6 +189,11 @@ class _Slots:
             L.llama_free(self.ctx)
             self.ctx = None
 
+    def clear(self) -> None:
+        """Forget every cached sequence (the next prompts are evaluated from scratch)."""
+        self.L.llama_memory_clear(self.mem, True)
+        self.cached = [[] for _ in self.cached]
+
     def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
         free = set(range(len(self.cached)))
         self.current, out = [], []

@@ -170,9 +170,9 @@ def test_f32_logits_equal_transformers(exported, fam):
         torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)  # measured: ~7e-5; a wrong rope layout: ~3e-2
 
 
-def test_packed_prefill_of_many_prompts_equals_transformers(exported):
-    """Several prompts' uncached tokens packed into shared decodes (some borrowing another
-    prompt's cached prefix in the same call, one longer than the rest) each get their own logits."""
+def test_one_prefill_of_many_prompts_equals_transformers(exported):
+    """One prefill call of several prompts (some borrowing a prefix cached by an earlier call or
+    by an earlier prompt of the same call, one longer than the rest): each gets its own logits."""
     pytest.importorskip("llama_cpp")
     from himac.llamacpp import LlamaCppPolicy
     path, model, tok = exported["qwen2"]

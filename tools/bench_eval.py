@@ -70,13 +70,11 @@ def hf_prefill_speed(model, n: int, repeats: int = 3) -> float:
 
 def prefill_speed(policy: LlamaCppPolicy, n: int, repeats: int = 3) -> float:
     """llama.cpp's prompt tokens/s: n fresh tokens (no cached prefix) in one prefill call."""
-    import llama_cpp
     slots = policy._slots
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 1000, n)]
 
     def run():
-        llama_cpp.llama_memory_clear(slots.mem, True)
-        slots.cached = [[] for _ in slots.cached]
+        slots.clear()
         slots.prefill([prompt])
     run()  # warm-up
     return n / min(_timed(run) for _ in range(repeats))
@@ -126,14 +124,25 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} torch threads", file=sys.stderr)
     hf = evaluate.load_backend("hf", args.checkpoint, cfg)
     results["HF transformers f32"] = evaluate.run_evaluation(hf, cfg, args.episodes)
-    hf_prompt = None
     hf_pp = hf_prefill_speed(hf.model, args.pp_tokens)
     del hf
-    for name, path in ggufs.items():
+    from envs import get_spec
+    from himac import planner
+    spec = get_spec(cfg.run.env)
+    env = spec.make(cfg.env)
+    obs = env.reset(evaluate.eval_seeds(1)[0])
+    decode_messages = planner.build_messages(spec.prompts, env.task, obs, cfg.planner.max_subgoals)
+    pp, decode = {}, {}
+    for name, path in ggufs.items():  # one model load per GGUF for all three measurements
         policy = LlamaCppPolicy(path, n_threads=args.threads, seed=cfg.run.seed)
         r = results[f"llama.cpp {name}"] = evaluate.run_evaluation(policy, cfg, args.episodes)
         r["computed"] = policy.evaluated_tokens / (r["perf/prompt_tokens"] + r["perf/generated_tokens"])
+        pp[name] = prefill_speed(policy, args.pp_tokens)
+        prompt = policy.encode(decode_messages, "")
+        policy._slots.clear()
+        decode[name] = decode_speed(policy, prompt, args.decode_tokens)
         del policy
+
     base = results["HF transformers f32"]["perf/episodes_per_s"]
     for name, r in results.items():
         rows.append([name, r["success_rate"], r["perf/episodes_per_s"], r["perf/gen_tokens_per_s"],
@@ -143,12 +152,9 @@ def main(argv=None) -> int:
     print("(tokens computed: share of prompt + generated tokens the model evaluated; llama.cpp reuses cached prefixes)")
 
     prows = [["HF transformers f32", hf_pp, 1.0, 1.0, 1.0]]
-    for name, path in ggufs.items():
-        policy = LlamaCppPolicy(path, n_threads=args.threads)
-        pp = prefill_speed(policy, args.pp_tokens)
+    for name in ggufs:
         share = results[f"llama.cpp {name}"]["computed"]
-        prows.append([f"llama.cpp {name}", pp, pp / hf_pp, share, pp / hf_pp / share])
-        del policy
+        prows.append([f"llama.cpp {name}", pp[name], pp[name] / hf_pp, share, pp[name] / hf_pp / share])
     print(f"\nprompt processing ({args.pp_tokens}-token prompt, one call)")
     print(evaluate.format_table(prows, ["backend", "prompt tok/s", "x HF", "tokens computed", "ceiling x HF"]))
     print("(ceiling: the x HF an evaluation made only of prompt processing could reach)")
@@ -156,20 +162,9 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth()
     drows = []
     for name, path in ggufs.items():
-        policy = LlamaCppPolicy(path, n_threads=args.threads)
-        if hf_prompt is None:
-            from envs import get_spec
-            from himac import planner
-            spec = get_spec(cfg.run.env)
-            env = spec.make(cfg.env)
-            obs = env.reset(evaluate.eval_seeds(1)[0])
-            hf_prompt = planner.build_messages(spec.prompts, env.task, obs, cfg.planner.max_subgoals)
-        prompt = policy.encode(hf_prompt, "")
-        tps = decode_speed(policy, prompt, args.decode_tokens)
         nbytes = weight_bytes(path)
         bound = bandwidth / nbytes
-        drows.append([f"llama.cpp {name}", nbytes / 2**20, tps, bound, tps / bound])
-        del policy
+        drows.append([f"llama.cpp {name}", nbytes / 2**20, decode[name], bound, decode[name] / bound])
     print(f"\nsingle-stream decode ({args.decode_tokens} tokens after a {len(prompt)}-token prompt); "
           f"copy bandwidth {bandwidth / 1e9:.2f} GB/s")
     print(evaluate.format_table(drows, ["model", "weights MiB", "decode tok/s", "bound tok/s", "of bound"]))
