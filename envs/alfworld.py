@@ -14,7 +14,7 @@ from the task directory's name, reported with the paper's six names: pick, look,
 clean, heat, cool, pick2 (`eval/success_rate/<type>`; "All" is
 `eval/success_rate`). Seed -> game: `games[seed % n]` over the sorted game list
 of the split, so the same seed is always the same game; on the evaluation split
-evaluate.py's i-th seed plays the i-th game of a fixed shuffle (see make_pool),
+the i-th evaluation seed plays the i-th game of a fixed shuffle (see make_pool),
 so `eval_episodes: 140` plays each valid_seen game once.
 
 Episode:
@@ -56,7 +56,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.base import EnvSpec, Obs, Prompts, SerialPool
+from envs.base import EnvSpec, Obs, Prompts, SerialPool, check
+from envs.cache import atomic_dir, cache_dir
+from envs.seeds import eval_seeds
 
 # task directory prefix -> the paper's name (Table 1: Pick, Look, Clean, Heat, Cool, Pick2)
 TASK_TYPES = {
@@ -106,7 +108,6 @@ class AlfworldConfig:
     """Loaded games kept per process for reuse (a few MB each); 0: load every episode afresh."""
 
     def __post_init__(self):
-        from himac.config import check
         bad = [t for t in self.task_types if t not in TASK_TYPES.values()]
         check(not bad, "task_types", self.task_types, f"{bad} unknown; use {list(TASK_TYPES.values())}")
         check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
@@ -135,7 +136,6 @@ def data_root(path: str) -> Path:
 
 def _unpacked(tarball: Path) -> Path:
     """Unpack `tarball` under $HIMAC_CACHE/alfworld/<name>/ once; a half-done unpack never counts."""
-    from himac.cache import atomic_dir, cache_dir
     name = tarball.name.split(".tar")[0].split(".tgz")[0]
 
     def unpack(tmp: Path) -> None:
@@ -316,11 +316,12 @@ class AlfworldEnv:
         self.game: str | None = None
         self.engine = None
         self.task, self.task_type = "", ""
-        self.optimal_moves = None  # ALFWorld stores a walkthrough, not a proven optimum
+        self.episode_info: dict = {}
 
     def reset(self, seed: int) -> Obs:
         self.close()
         self.game, self.task_type = self.games[self.seed_index.get(seed, seed) % len(self.games)]
+        self.episode_info = {"game": self.game}  # a walkthrough, not a proven optimum: no optimal_moves
         engine = ENGINES.acquire(self.game)
         try:
             state = engine.reset()
@@ -377,7 +378,7 @@ def make_pool(spec: EnvSpec, cfg: AlfworldConfig, evaluation: bool):
 
     The data path is resolved here, in the trainer, so a bad path fails at start-up
     with its message, not as every episode's load error inside the workers.
-    On the evaluation split, evaluate.py's i-th seed plays the i-th game of a fixed
+    On the evaluation split, the i-th evaluation seed (envs.seeds.eval_seeds) plays the i-th game of a fixed
     shuffle of the split: `eval_episodes` = the split's size plays every game
     exactly once (the paper reports all of valid_seen), and fewer play a sample
     without repeats across all types (seed % n would repeat some games and miss
@@ -390,7 +391,6 @@ def make_pool(spec: EnvSpec, cfg: AlfworldConfig, evaluation: bool):
     games = AlfworldEnv(cfg, evaluation).games  # a missing or empty split raises DataError now
     seed_index = None
     if evaluation:
-        from himac.evaluate import eval_seeds
         order = list(range(len(games)))
         random.Random(EVAL_SHUFFLE).shuffle(order)
         seed_index = dict(zip(eval_seeds(len(games)), order))

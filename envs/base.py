@@ -9,6 +9,15 @@ constants. An `EnvSpec` bundles them and is registered by exact name in
 `step(None)` means "the model's text was not a valid action": the env spends a
 step on it (so a model that never answers validly still runs out of budget) and
 leaves the state unchanged.
+
+Env-specific facts about an episode (Sokoban's optimal move count, an ALFWorld
+game's file) travel in `env.episode_info`, a plain dict the pools hand up and
+evaluation copies into each episode record; `EnvSpec.report` turns a list of such
+records into the env's own summary numbers. Nothing above this layer knows the keys.
+
+`ConfigError` and `check` live here, at the bottom, because the env config
+dataclasses raise them as himac's own configs do (himac.config re-exports them).
+This package imports nothing of himac.
 """
 from __future__ import annotations
 
@@ -16,6 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or an invalid value."""
+
+
+def check(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raise ConfigError for `key` unless `ok`; used by the config dataclasses' __post_init__."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
 @dataclass
@@ -29,6 +48,7 @@ class Obs:
 class Env(Protocol):
     task: str  # natural-language instruction x for the current episode
     task_type: str  # category for per-type reporting ("sokoban", "pick", "clean", ...)
+    episode_info: dict  # env-specific facts of the current episode, e.g. {"optimal_moves": 3}
 
     def reset(self, seed: int) -> Obs: ...
 
@@ -72,6 +92,10 @@ class EnvSpec:
     make_pool: Callable[[Any, Any, bool], Any] | None = None
     """(spec, config, evaluation) -> env pool; None: a SerialPool. `evaluation` is True for
     the held-out pool (an env with splits points it at its evaluation split)."""
+    report: Callable[[list[dict]], dict] | None = None
+    """Episode records (each holding its `episode_info` keys) -> env-specific summary numbers."""
+    actions: tuple[str, ...] = ()
+    """The action set when it is small and fixed (Sokoban's directions), for per-action metrics."""
 
     def pool(self, cfg: Any, evaluation: bool = False):
         """The env pool for `cfg`: SerialPool unless the env brings its own (e.g. worker processes)."""
@@ -93,11 +117,12 @@ class SerialPool:
         self.envs: list[Env] = []
         self.tasks: list[str] = []
         self.task_types: list[str] = []
+        self.infos: list[dict] = []
 
     def reset(self, seeds: list[int]) -> list[Obs]:
         """Fresh envs, one per seed. A slot whose env fails to load is listed in `failed`."""
         self.close()
-        self.envs, self.tasks, self.task_types, out = [], [], [], []
+        self.envs, self.tasks, self.task_types, self.infos, out = [], [], [], [], []
         self.failed: dict[int, str] = {}
         for slot, seed in enumerate(seeds):
             try:
@@ -109,6 +134,7 @@ class SerialPool:
             self.envs.append(env)
             self.tasks.append(env.task)
             self.task_types.append(env.task_type)
+            self.infos.append(dict(getattr(env, "episode_info", {})))
             out.append(obs)
         return out
 
@@ -139,6 +165,7 @@ def error_result(e: BaseException) -> tuple[Obs, float, bool, dict]:
 class _FailedEnv:
     """Stands in for an env that could not be created or reset."""
     task, task_type = "", "error"
+    episode_info: dict = {}
 
     def __init__(self, error: BaseException):
         self.error = error

@@ -12,7 +12,7 @@ send every worker its share first and then collect the answers, so the workers
 run at the same time; the trainer waits for the slowest one.
 
 Same interface as SerialPool (`reset`, `step`, `env`, `close`, and `tasks`,
-`task_types`, `failed` after a reset), with the same containment, one level
+`task_types`, `infos`, `failed` after a reset), with the same containment, one level
 further out:
 - an env that raises during reset lists its slot in `failed`; one that raises
   during a step ends that slot's episode with info["error"]; the batch goes on;
@@ -35,7 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -44,10 +44,10 @@ from envs.base import Obs, error_result
 
 @dataclass
 class SlotView:
-    """What the trainer may read of an env living in a worker (evaluate.py reads `optimal_moves`)."""
+    """What the trainer may read of an env living in a worker."""
     task: str
     task_type: str
-    optimal_moves: int | None = None
+    episode_info: dict = field(default_factory=dict)
 
 
 class ProcPool:
@@ -62,6 +62,7 @@ class ProcPool:
         self._workers: list[_Worker | None] = [None] * num_workers
         self.tasks: list[str] = []
         self.task_types: list[str] = []
+        self.infos: list[dict] = []
         self.failed: dict[int, str] = {}
         self._views: list[SlotView] = []
         self._n = 0  # slots in the current batch
@@ -95,6 +96,7 @@ class ProcPool:
                 obs[slot] = o
         self.tasks = [v.task for v in self._views]
         self.task_types = [v.task_type for v in self._views]
+        self.infos = [dict(v.episode_info) for v in self._views]
         return obs
 
     def step(self, slots: list[int], actions: list[Any]) -> list[tuple[Obs, float, bool, dict]]:
@@ -250,7 +252,7 @@ def _serve(conn, make, cfg) -> None:
                     obs = env.reset(seed)
                     envs[slot] = env
                     out.append((slot, obs, None, SlotView(env.task, env.task_type,
-                                                          getattr(env, "optimal_moves", None))))
+                                                          dict(getattr(env, "episode_info", {})))))
                 except Exception as e:  # noqa: BLE001 - containment is the point
                     out.append((slot, None, f"{type(e).__name__}: {e}", None))
             conn.send(out)

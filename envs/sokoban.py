@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.base import EnvSpec, Obs, Prompts
+from envs.base import EnvSpec, Obs, Prompts, check
 
 WALL, FLOOR, TARGET, BOX_ON, BOX, PLAYER = 0, 1, 2, 3, 4, 5  # gym-sokoban's cell codes
 ACTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -103,7 +103,6 @@ class SokobanConfig:
     """What the policy sees: 'text' (the ASCII map), 'image' (an RGB frame; needs a VL model) or 'both'."""
 
     def __post_init__(self):
-        from himac.config import check
         check(4 <= self.room_size <= 16, "room_size", self.room_size, "must be in 4..16")
         check(self.num_boxes >= 1, "num_boxes", self.num_boxes, "must be >= 1")
         check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
@@ -220,6 +219,10 @@ class SokobanEnv:
         self.room_fixed = self.room_state = None
         self.optimal_moves: int | None = None
         self.task = ""
+
+    @property
+    def episode_info(self) -> dict:
+        return {"optimal_moves": self.optimal_moves}
 
     # -- episode ---------------------------------------------------------------
     def reset(self, seed: int) -> Obs:
@@ -359,5 +362,13 @@ PROMPTS = Prompts(
     flat_prefix="Direction:",
 )
 
+def report(episodes: list[dict]) -> dict:
+    """Sokoban's own summary: how many more moves than the BFS optimum, on solved rooms."""
+    solved = [e for e in episodes if e["success"] and e.get("optimal_moves") is not None]
+    if not solved:
+        return {}
+    return {"optimality_gap": sum(e["env_steps"] - e["optimal_moves"] for e in solved) / len(solved)}
+
+
 SPEC = EnvSpec(name="sokoban", config=SokobanConfig, make=SokobanEnv, parse_action=parse_action,
-               prompts=PROMPTS, task_types=("sokoban",))
+               prompts=PROMPTS, task_types=("sokoban",), report=report, actions=tuple(ACTIONS))

@@ -1,7 +1,8 @@
 """himac: HiMAC (hierarchical macro-micro agentic control) on one consumer GPU.
 
-Modules, in the order Algorithm 1 uses them: envs (tasks), models/policy (the
-one shared LLM), planner (macro), executor (micro), groups (Eq. 2, Eq. 3),
-update (the optimiser step), coevolve (the loop), evaluate.
+Layers, bottom up (docs/architecture.md): envs (tasks, seeds) -> groups, estimators,
+config (pure math) -> models, policy (the one shared LLM) -> planner (macro),
+executor (micro), update (the optimiser step) -> experiment, metrics, rundir ->
+coevolve (Algorithm 1), evaluation -> export, evaluate (the CLI) -> tools.
 """
 __version__ = "0.1.0"

@@ -24,18 +24,9 @@ from typing import Any
 
 import yaml
 
+from envs.base import ConfigError, check  # noqa: F401 - defined at the bottom layer, re-exported here
 
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type, or an invalid value."""
-
-
-def check(ok: bool, key: str, value: Any, why: str) -> None:
-    """Raise ConfigError for `key` unless `ok`; used by the dataclasses' __post_init__."""
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -257,15 +257,16 @@ def _add(timings: dict, key: str, value: float) -> None:
     timings[key] = timings.get(key, 0.0) + value
 
 
-def training_rows(trajectories: list[Trajectory], advantages: list, sample_offset: int = 0) -> list[Row]:
+def training_rows(trajectories: list[Trajectory], advantages: list[list[float]], sample_offset: int = 0) -> list[Row]:
     """One row per executor turn; only action tokens are trained (Phase B, line 14).
 
-    `advantages[i]` is one float for the whole trajectory i (GRPO, RLOO) or a list
-    with one float per step (GiGPO's step-level advantages).
+    `advantages[i][j]` is the advantage of step j of trajectory i (himac.estimators:
+    every estimator gives one per step).
     """
     rows = []
-    for i, (t, a) in enumerate(zip(trajectories, advantages)):
-        per_step = a if isinstance(a, (list, tuple)) else [a] * len(t.steps)
+    for i, (t, per_step) in enumerate(zip(trajectories, advantages)):
+        if len(per_step) != len(t.steps):
+            raise ValueError(f"trajectory {i} has {len(t.steps)} steps but {len(per_step)} advantages")
         rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature, s.images)
                  for s, adv in zip(t.steps, per_step)]
     return rows

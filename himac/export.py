@@ -41,6 +41,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from envs import REGISTRY
+from himac import models
+from himac.config import build
+from himac.executor import SUB_DONE, SUB_DONE_RULE
+from himac.models import ModelConfig
+from himac.rundir import RunDir
+
 QUANTS = ("f32", "bf16", "f16", "q8_0", "q4_k_m")
 FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
@@ -84,18 +91,13 @@ def family(hf_config) -> Family:
 # -- checkpoints ---------------------------------------------------------------------
 def read_run(run_dir: str | Path):
     """A run directory -> (its ModelConfig, the adapter directory of its checkpoint)."""
-    from himac.config import build
-    from himac.models import ModelConfig
-    run_dir = Path(run_dir)
-    adapter = run_dir / "checkpoint" / "adapter"
-    if not (run_dir / "config.yaml").is_file():
+    run = RunDir(run_dir, create=False)
+    if not run.config_file.is_file():
         raise FileNotFoundError(f"--checkpoint {run_dir}: not a run directory (no config.yaml); "
                                 "expected the --out directory of python -m himac.coevolve")
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--checkpoint {run_dir}: no adapter checkpoint at {adapter}")
-    import yaml
-    flat = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return build(ModelConfig, flat), adapter
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {run_dir}: no adapter checkpoint at {run.adapter_dir}")
+    return build(ModelConfig, run.read_config()), run.adapter_dir
 
 
 def merged_state(cfg, adapter_dir: str | Path | None, base: str = "trained"):
@@ -105,8 +107,6 @@ def merged_state(cfg, adapter_dir: str | Path | None, base: str = "trained"):
     LoRA tensors); each adapted linear weight is W + scale * B @ A.
     """
     from peft.tuners.lora import LoraLayer
-
-    from himac import models
     if base not in ("trained", "original"):
         raise ValueError(f"base={base!r}: must be 'trained' or 'original'")
     cfg = dataclasses.replace(cfg, device="cpu", dtype="float32", gradient_checkpointing=False,
@@ -361,8 +361,6 @@ def write_lora_gguf(adapter_dir: str | Path, hf_config, out: str | Path) -> Path
 # -- checks --------------------------------------------------------------------------
 def check_texts(tokenizer) -> list[str]:
     """Prompts as the agent sends them (chat template, prefixes, `<sub_done>`), plus awkward strings."""
-    from envs import REGISTRY
-    from himac.executor import SUB_DONE, SUB_DONE_RULE
     texts = []
     for spec in REGISTRY.values():
         p = spec.prompts
@@ -383,8 +381,6 @@ def verify_tokenizer(gguf_path: str | Path, checkpoint) -> list[str]:
     from llama_cpp import Llama
     if isinstance(checkpoint, (str, Path)):
         from transformers import AutoTokenizer
-
-        from himac import models
         tokenizer = AutoTokenizer.from_pretrained(models.model_path(read_run(checkpoint)[0]))
     else:
         tokenizer = checkpoint

@@ -19,8 +19,8 @@ Choices the paper leaves open, stated here once:
   micro-batch losses is exactly the full-batch loss (per-micro-batch normalisation
   is the bug class TRL hit in issues 2995/3021).
 
-The flat baselines the paper compares against live here too: RLOO's leave-one-out
-baseline and GiGPO's episode + anchor-state step groups (the §4.3 / Table 3 peers).
+The estimators that turn returns into per-step advantages (Eq. 2 and the flat
+peers RLOO and GiGPO) are registered in himac/estimators.py.
 """
 from __future__ import annotations
 
@@ -48,60 +48,6 @@ def group_advantages(
     denom = var.sqrt()[inverse] + eps  # (N,)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and zero spread: centred is 0 anyway
     return (centred / denom).float()
-
-
-def rloo_advantages(
-    returns: torch.Tensor,  # (N,)
-    group_index: torch.Tensor,  # (N,) long
-) -> torch.Tensor:  # (N,)
-    """RLOO (Ahmadian et al. 2024): A_i = R_i - mean of the *other* returns in i's group.
-
-    Equal to n/(n-1) times the mean-centred return; a group of one has advantage 0.
-    """
-    returns = returns.double()
-    _, inverse = torch.unique(group_index, return_inverse=True)
-    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    count = torch.zeros(num_groups, dtype=returns.dtype).index_add_(0, inverse, torch.ones_like(returns))
-    total = torch.zeros(num_groups, dtype=returns.dtype).index_add_(0, inverse, returns)
-    others = count[inverse] - 1  # (N,)
-    loo_mean = (total[inverse] - returns) / others.clamp(min=1)
-    return torch.where(others > 0, returns - loo_mean, torch.zeros_like(returns)).float()
-
-
-def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
-    """R_t = sum_k gamma^k r_{t+k}: the return from each step of one trajectory onward."""
-    out, acc = [0.0] * len(rewards), 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        acc = rewards[t] + gamma * acc
-        out[t] = acc
-    return out
-
-
-def gigpo_advantages(
-    episode_returns: torch.Tensor,  # (N,) one return per trajectory
-    episode_group: torch.Tensor,  # (N,) long, the trajectory's episode group (its task)
-    step_episode: torch.Tensor,  # (S,) long, which trajectory each step belongs to
-    step_anchor: torch.Tensor,  # (S,) long, id of the step's observation (equal ids = identical state)
-    step_returns: torch.Tensor,  # (S,) discounted return from the step onward
-    step_weight: float = 1.0,
-    scale_std: bool = True,
-    eps: float = 1e-6,
-) -> torch.Tensor:  # (S,)
-    """GiGPO (Feng et al. 2025): A = A^E(episode) + omega * A^S(step), per step.
-
-    A^E is Eq. 2 over the episode group. A^S is Eq. 2 over the *anchor-state group*:
-    every step, across the episode group's trajectories, taken from the same
-    observation (same `step_anchor` within the same episode group), scored by its
-    discounted return. A state visited once forms a group of one and gets A^S = 0.
-    """
-    a_episode = group_advantages(episode_returns, episode_group, scale_std, eps)[step_episode]  # (S,)
-    if step_returns.numel() == 0:
-        return a_episode
-    # a step group = (episode group, anchor); fold the pair into one integer key
-    pair = torch.stack([episode_group[step_episode], step_anchor], 1)  # (S, 2)
-    _, step_group = torch.unique(pair, dim=0, return_inverse=True)  # (S,)
-    a_step = group_advantages(step_returns, step_group, scale_std, eps)  # (S,)
-    return a_episode + step_weight * a_step
 
 
 def sample_token_weights(

@@ -1,6 +1,6 @@
 """A policy backed by llama.cpp (llama-cpp-python): the CPU inference path for GGUF agents.
 
-It offers what `evaluate.evaluate_agent` needs from `policy.Policy`, with the same
+It satisfies `himac.policy.AgentPolicy`, what evaluation needs from `policy.Policy`, with the same
 meaning, so an exported agent runs the very same episodes (text observations only:
 `encode_images` and `generate(images=...)` refuse images):
 - `encode(messages, prefix)`: the GGUF's own chat template rendered with jinja2 the
@@ -33,6 +33,8 @@ from himac.policy import Completion
 
 
 class LlamaCppPolicy:
+    """A GGUF agent through llama.cpp: satisfies himac.policy.AgentPolicy (text observations)."""
+
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16):
         """`n_ctx`: the longest prompt + completion; the KV cache holds 2 * n_ctx cells shared by
@@ -101,11 +103,24 @@ class LlamaCppPolicy:
         """Text without special tokens, like Policy.decode (skip_special_tokens)."""
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
-    # -- generation ----------------------------------------------------------------
+    # -- the engine, for benchmarks and tests -----------------------------------------
     def logits(self, prompt: list[int]) -> np.ndarray:
         """float32 next-token logits after `prompt`, (V,)."""
         return self._slots.prefill([prompt])[0]
 
+    def clear_cache(self) -> None:
+        """Forget every cached prefix: the next prompts are evaluated from scratch."""
+        self._slots.clear()
+
+    def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
+        """Evaluate a batch of prompts (reusing cached prefixes); each prompt's last logits, (V,)."""
+        return self._slots.prefill(prompts)
+
+    def decode_step(self, tokens: list[tuple[int, int]]) -> list[np.ndarray]:
+        """One decode of (batch index of the last prefill, token) pairs together; their logits, (V,) each."""
+        return self._slots.step(tokens)
+
+    # -- generation ----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
         if images and any(px is not None for px in images):

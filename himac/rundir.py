@@ -3,9 +3,14 @@
     config.yaml      the resolved flat config (every key, defaults included)
     run.json         seed, command line, package versions, device
     metrics.jsonl    one JSON object per iteration (flat metric names)
+    eval.jsonl       held-out evaluations
     samples.jsonl    a few blueprints and trajectories per iteration, for reading
     progress.png     success, returns, answer quality and time per iteration, redrawn at each checkpoint
     checkpoint/      adapter/ (peft, safetensors), trainer.pt (optimizer, RNG, iteration)
+    export/          GGUF exports of the checkpoint (agent-<quant>.gguf), made on demand
+
+This class is the one place that knows the layout: the trainer, evaluation,
+export and the tools ask it for paths.
 
 Checkpoints are written to a temporary directory and renamed into place, so a
 crash mid-write leaves the previous checkpoint intact. On resume, metric lines
@@ -33,23 +38,42 @@ PACKAGES = ("himac", "torch", "transformers", "peft", "bitsandbytes", "numpy", "
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """`create`: make the directory (a run being written); False to read an existing one."""
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
 
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint"
+
+    @property
+    def adapter_dir(self) -> Path:
+        """The checkpoint's peft adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        return self.checkpoint / "adapter"
+
+    @property
+    def adapter_weights(self) -> Path:
+        return self.adapter_dir / "adapter_model.safetensors"
+
+    def export_file(self, quant: str) -> Path:
+        """Where the checkpoint's merged GGUF at precision `quant` is kept."""
+        return self.path / "export" / f"agent-{quant}.gguf"
 
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / "trainer.pt").is_file()
 
     # -- config and provenance -------------------------------------------------------
     def write_config(self, flat: dict[str, Any]) -> None:
-        _atomic_text(self.path / "config.yaml", yaml.safe_dump(flat, sort_keys=False))
+        _atomic_text(self.config_file, yaml.safe_dump(flat, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        return yaml.safe_load(self.config_file.read_text())
 
     def write_run_info(self, seed: int, device: str) -> None:
         versions = {}
@@ -94,7 +118,7 @@ class RunDir:
     def save_checkpoint(self, model, optimizer, iteration: int) -> None:
         tmp = self.path / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp / "adapter")  # peft: adapter_config.json + adapter_model.safetensors
+        model.save_pretrained(tmp / self.adapter_dir.name)  # peft: adapter_config.json + adapter_model.safetensors
         state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "rng": rng_state()}
         torch.save(state, tmp / "trainer.pt")
         old = self.path / "checkpoint.old"

@@ -16,10 +16,7 @@ A 6x6 Sokoban frame is 96x96 (16-px tiles); the processor resizes it to 84x84, a
 multiple of 28: one 14-px ViT patch per cell and 2x2 cells per language-model
 token, i.e. 9 image tokens per frame.
 
-`tiny-vl` (tests only) is a random 2-layer Qwen2.5-VL with a 1-block vision tower,
-the tiny BPE tokenizer plus Qwen's vision special tokens, a ChatML template that
-understands image parts, and a saved image processor: the whole image path runs on
-a CPU without a download.
+The tiny test model for this path (`tiny-vl`) is built in himac/tiny.py.
 """
 from __future__ import annotations
 
@@ -32,13 +29,6 @@ import numpy as np
 import torch
 
 IMAGE_PAD, VISION_START, VISION_END, VIDEO_PAD = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
-VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @dataclass
@@ -107,48 +97,6 @@ def collate(pixels: list[Pixels | None]) -> dict[str, torch.Tensor]:
         return {}
     return {"pixel_values": torch.cat([p.pixel_values for p in present]),  # (sum patches, D)
             "image_grid_thw": torch.cat([p.grid_thw for p in present])}  # (sum images, 3)
-
-
-# -- the tiny test model -----------------------------------------------------------
-def build_tiny_vl(path: Path, hidden: int, seed: int) -> None:
-    """Write a random tiny Qwen2.5-VL, its tokenizer (tiny BPE + vision specials) and image processor."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from himac.models import TINY_SPECIALS, tiny_tokenizer
-    specials = TINY_SPECIALS + [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
-    tok = tiny_tokenizer(specials, VL_CHAT_TEMPLATE)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    heads = 4
-    half = hidden // heads // 2  # rotary half-dim, split over (time, height, width) as Qwen's 16/24/24 of 64
-    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[0]),
-        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END], tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    from transformers import Qwen2VLImageProcessorPil
-    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
-                             min_pixels=56 * 56, max_pixels=28 * 28 * 256).save_pretrained(path)
-
-
-def materialise_tiny_vl(hidden: int, seed: int) -> Path:
-    from himac.models import _atomic_materialise, cache_dir, tiny_corpus
-    key = json.dumps({"corpus": tiny_corpus(), "hidden": hidden, "seed": seed, "vl": 1})
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return _atomic_materialise(cache_dir() / f"tiny-vl-{digest}", lambda tmp: build_tiny_vl(tmp, hidden, seed))
 
 
 # -- glue for planner / executor / update ---------------------------------------------

@@ -1,13 +1,8 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from envs.base import EnvSpec, Obs, Prompts
-from himac.policy import Completion, Policy
+from himac.policy import Completion, chat_ids
 
 
 @dataclass
@@ -62,8 +62,9 @@ SCRIPTED_PROMPTS = Prompts(
 SCRIPTED_SPEC = EnvSpec("scripted", ScriptedEnvConfig, ScriptedEnv, scripted_parse, SCRIPTED_PROMPTS)
 
 
-class ScriptedPolicy(Policy):
-    """A real tokenizer and chat template; answers come from per-episode scripts.
+class ScriptedPolicy:
+    """A himac.policy.AgentPolicy with a real tokenizer and chat template; answers come from
+    per-episode scripts.
 
     `scripts[seed]` is the list of answers episode `seed` gives, in order. Every
     prompt and every batch size that reaches generate() is recorded.
@@ -71,11 +72,20 @@ class ScriptedPolicy(Policy):
 
     def __init__(self, tokenizer, scripts: dict[int, list[str]]):
         self.tokenizer, self.scripts = tokenizer, {k: list(v) for k, v in scripts.items()}
-        self.model, self.pad_id, self.eos_ids = None, tokenizer.pad_token_id, [tokenizer.eos_token_id]
         self.prompts: list[str] = []
         self.batch_sizes: list[int] = []
 
-    def generate(self, prompts, max_new_tokens, temperature, stop_at_newline=False):
+    def encode(self, messages, prefix=""):
+        return chat_ids(self.tokenizer, messages, prefix)
+
+    def encode_images(self, messages, prefix, images):
+        assert not images, "scripted episodes are text-only"
+        return self.encode(messages, prefix), None
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts, max_new_tokens, temperature, stop_at_newline=False, images=None):
         self.batch_sizes.append(len(prompts))
         out = []
         for ids in prompts:

@@ -5,7 +5,7 @@ import pytest
 
 from envs import REGISTRY
 from himac import config as C
-from himac.coevolve import load_config, sections
+from himac.experiment import load_config, sections
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

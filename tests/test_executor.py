@@ -102,7 +102,7 @@ def test_env_errors_are_contained(tiny_tokenizer):
 def test_training_rows_carry_action_tokens_only(tiny_tokenizer):
     from himac.update import ACTION
     (t,), _, _ = run(tiny_tokenizer, {1: ["a", "<sub_done>", "win"]})
-    rows = executor.training_rows([t], [0.5], sample_offset=10)
+    rows = executor.training_rows([t], [[0.5] * len(t.steps)], sample_offset=10)
     assert len(rows) == 3 and all(r.kind == ACTION and r.sample == 10 and r.advantage == 0.5 for r in rows)
     assert [r.completion_ids for r in rows] == [s.completion_ids for s in t.steps]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from envs.sokoban import PROMPTS
 from himac import executor, export, models, planner
-from himac.coevolve import load_config
+from himac.experiment import load_config
 from himac.policy import Policy
 from himac.rundir import RunDir
 
@@ -147,6 +147,8 @@ def test_tokenisation_equals_hf(exported, fam):
     path, _, tok = exported[fam]
     assert export.verify_tokenizer(path, tok) == []
     lc = LlamaCppPolicy(path, n_ctx=1024)
+    from himac.policy import AgentPolicy
+    assert isinstance(lc, AgentPolicy)  # the protocol evaluation runs on
     hf = _Encoder(tok)
     env_msgs = planner.build_messages(PROMPTS, "Push the box.", __import__("envs").Obs("#@$.#"), 2)
     sub_done_msgs = executor.build_messages(PROMPTS, "t", ["a <sub_done> b"], 0, [], __import__("envs").Obs("x"))

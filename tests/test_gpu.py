@@ -3,7 +3,8 @@ iteration. Skipped without a CUDA device (the CI machines have none)."""
 import pytest
 import torch
 
-from himac.coevolve import Trainer, load_config
+from himac.coevolve import Trainer
+from himac.experiment import load_config
 from himac.rundir import RunDir
 
 pytestmark = [pytest.mark.gpu,

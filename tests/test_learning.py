@@ -16,7 +16,8 @@ greedy answer is "down"; the room needs "up") and must reach 1.
 import pytest
 
 from helpers import warm_start_tiny
-from himac.coevolve import Trainer, load_config
+from himac.coevolve import Trainer
+from himac.experiment import load_config
 from himac.rundir import RunDir
 
 EASY = {"task_pool": 1, "tasks_per_iteration": 4, "group_size": 2, "rollouts_per_blueprint": 8,

@@ -24,6 +24,16 @@ def test_tiny_model_is_deterministic_and_chat_ready(tiny_cfg):
     assert tok.decode(ids) == "Direction: up <sub_done>"
 
 
+def test_policy_satisfies_the_protocols(tiny_policy, tiny_tokenizer):
+    from helpers import ScriptedPolicy
+    from himac.evaluation import Metered
+    from himac.policy import AgentPolicy, TrainablePolicy
+    assert isinstance(tiny_policy, TrainablePolicy) and isinstance(tiny_policy, AgentPolicy)
+    scripted = ScriptedPolicy(tiny_tokenizer, {})
+    assert isinstance(scripted, AgentPolicy) and not isinstance(scripted, TrainablePolicy)
+    assert isinstance(Metered(scripted), AgentPolicy)
+
+
 def test_lora_only_trains_the_adapter(tiny_cfg):
     model, _ = models.load(tiny_cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

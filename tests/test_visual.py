@@ -235,7 +235,8 @@ def test_phase_a_and_phase_b_gradients_only_where_the_masks_say(vl_policy):
     bps, trajs = rollout(vl_policy)
     flat = [z for g in bps for z in g]
     rows = planner.training_rows(flat, [1.0, -1.0, 0.5, -0.5])
-    rows += executor.training_rows(trajs, [1.0, -1.0], sample_offset=len(flat))
+    rows += executor.training_rows(trajs, [[a] * len(t.steps) for t, a in zip(trajs, [1.0, -1.0])],
+                                   sample_offset=len(flat))
     rows = [r for r in rows if r.completion_ids]
     assert all(r.images is not None for r in rows)
     for kinds, trained in (({BLUEPRINT}, BLUEPRINT), ({ACTION}, ACTION)):
@@ -260,7 +261,8 @@ def test_phase_updates_move_lora_and_leave_the_vision_tower():
     cfg = UpdateConfig(lr=1e-3, micro_batch_size=2)
     opt = make_optimizer(model, cfg)
     m_a = policy_update(vl_policy, opt, planner.training_rows(flat, [1.0, -1.0, 0.5, -0.5]), cfg, {BLUEPRINT})
-    m_b = policy_update(vl_policy, opt, executor.training_rows(trajs, [1.0, -1.0]), cfg, {ACTION})
+    per_step = [[a] * len(t.steps) for t, a in zip(trajs, [1.0, -1.0])]
+    m_b = policy_update(vl_policy, opt, executor.training_rows(trajs, per_step), cfg, {ACTION})
     assert m_a["grad_norm"] > 0 and m_b["grad_norm"] > 0
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
     assert all(torch.equal(p, vis_before[n]) for n, p in model.named_parameters() if n in vis_before)

@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from envs.alfworld import SPEC, AlfworldConfig, AlfworldEnv, load_engine  # noqa: E402
-from envs.alfworld_games import write_tiny_games  # noqa: E402
+from envs.alfworld import SPEC, AlfworldConfig, AlfworldEnv, load_engine
+from envs.alfworld_games import write_tiny_games
 
 
 def headroom(jobs: int = 2) -> float:

@@ -27,13 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from himac import evaluate, export, models  # noqa: E402
-from himac.llamacpp import LlamaCppPolicy  # noqa: E402
+from envs.seeds import eval_seeds
+from himac import evaluate, export, models
+from himac.evaluation import format_table, run_evaluation
+from himac.llamacpp import LlamaCppPolicy
 
 
 def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
@@ -70,23 +70,21 @@ def hf_prefill_speed(model, n: int, repeats: int = 3) -> float:
 
 def prefill_speed(policy: LlamaCppPolicy, n: int, repeats: int = 3) -> float:
     """llama.cpp's prompt tokens/s: n fresh tokens (no cached prefix) in one prefill call."""
-    slots = policy._slots
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 1000, n)]
 
     def run():
-        slots.clear()
-        slots.prefill([prompt])
+        policy.clear_cache()
+        policy.prefill([prompt])
     run()  # warm-up
     return n / min(_timed(run) for _ in range(repeats))
 
 
 def decode_speed(policy: LlamaCppPolicy, prompt: list[int], n: int) -> float:
     """Single-stream decode tokens/s: greedy one-token steps (one sequence) after the prompt is cached."""
-    slots = policy._slots  # the engine itself: generate() would stop at the first EOS
-    token = int(np.argmax(slots.prefill([prompt])[0]))
+    token = int(np.argmax(policy.prefill([prompt])[0]))  # the engine itself: generate() would stop at an EOS
     tic = time.perf_counter()
     for _ in range(n):
-        token = int(np.argmax(slots.step([(0, token)])[0]))
+        token = int(np.argmax(policy.decode_step([(0, token)])[0]))
     return n / (time.perf_counter() - tic)
 
 
@@ -123,23 +121,23 @@ def main(argv=None) -> int:
     print(f"evaluation: {args.episodes} held-out {cfg.run.env} episodes, {args.checkpoint}, "
           f"{torch.get_num_threads()} torch threads", file=sys.stderr)
     hf = evaluate.load_backend("hf", args.checkpoint, cfg)
-    results["HF transformers f32"] = evaluate.run_evaluation(hf, cfg, args.episodes)
+    results["HF transformers f32"] = run_evaluation(hf, cfg, args.episodes)
     hf_pp = hf_prefill_speed(hf.model, args.pp_tokens)
     del hf
     from envs import get_spec
     from himac import planner
     spec = get_spec(cfg.run.env)
     env = spec.make(cfg.env)
-    obs = env.reset(evaluate.eval_seeds(1)[0])
+    obs = env.reset(eval_seeds(1)[0])
     decode_messages = planner.build_messages(spec.prompts, env.task, obs, cfg.planner.max_subgoals)
     pp, decode = {}, {}
     for name, path in ggufs.items():  # one model load per GGUF for all three measurements
         policy = LlamaCppPolicy(path, n_threads=args.threads, seed=cfg.run.seed)
-        r = results[f"llama.cpp {name}"] = evaluate.run_evaluation(policy, cfg, args.episodes)
+        r = results[f"llama.cpp {name}"] = run_evaluation(policy, cfg, args.episodes)
         r["computed"] = policy.evaluated_tokens / (r["perf/prompt_tokens"] + r["perf/generated_tokens"])
         pp[name] = prefill_speed(policy, args.pp_tokens)
         prompt = policy.encode(decode_messages, "")
-        policy._slots.clear()
+        policy.clear_cache()
         decode[name] = decode_speed(policy, prompt, args.decode_tokens)
         del policy
 
@@ -147,7 +145,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         rows.append([name, r["success_rate"], r["perf/episodes_per_s"], r["perf/gen_tokens_per_s"],
                      r["perf/episodes_per_s"] / base, r.get("computed", 1.0)])
-    print("\n" + evaluate.format_table(rows, ["backend", "success", "episodes/s", "gen tokens/s", "x HF",
+    print("\n" + format_table(rows, ["backend", "success", "episodes/s", "gen tokens/s", "x HF",
                                                "tokens computed"]))
     print("(tokens computed: share of prompt + generated tokens the model evaluated; llama.cpp reuses cached prefixes)")
 
@@ -156,7 +154,7 @@ def main(argv=None) -> int:
         share = results[f"llama.cpp {name}"]["computed"]
         prows.append([f"llama.cpp {name}", pp[name], pp[name] / hf_pp, share, pp[name] / hf_pp / share])
     print(f"\nprompt processing ({args.pp_tokens}-token prompt, one call)")
-    print(evaluate.format_table(prows, ["backend", "prompt tok/s", "x HF", "tokens computed", "ceiling x HF"]))
+    print(format_table(prows, ["backend", "prompt tok/s", "x HF", "tokens computed", "ceiling x HF"]))
     print("(ceiling: the x HF an evaluation made only of prompt processing could reach)")
 
     bandwidth = copy_bandwidth()
@@ -167,7 +165,7 @@ def main(argv=None) -> int:
         drows.append([f"llama.cpp {name}", nbytes / 2**20, decode[name], bound, decode[name] / bound])
     print(f"\nsingle-stream decode ({args.decode_tokens} tokens after a {len(prompt)}-token prompt); "
           f"copy bandwidth {bandwidth / 1e9:.2f} GB/s")
-    print(evaluate.format_table(drows, ["model", "weights MiB", "decode tok/s", "bound tok/s", "of bound"]))
+    print(format_table(drows, ["model", "weights MiB", "decode tok/s", "bound tok/s", "of bound"]))
     return 0
 
 

@@ -29,24 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from himac import config as C  # noqa: E402
-
-VARIANTS: dict[str, dict] = {
-    "himac": {},
-    "flat_grpo": {"hierarchy": False},
-    "flat_rloo": {"hierarchy": False, "advantage": "rloo"},
-    "flat_gigpo": {"hierarchy": False, "advantage": "gigpo"},
-    "no_coevolution": {"coevolution": False},
-    "no_sub_done": {"sub_done": False},
-    "random_blueprint": {"blueprint_choice": "random"},
-}
+from himac import config as C
+from himac.experiment import VARIANTS
 
 
 def train_variant(name: str, config: str, overrides: dict, out: Path) -> dict:
     """Train one variant to its budget; return its curve read back from the run directory."""
-    from himac.coevolve import Trainer, load_config
+    from himac.coevolve import Trainer
+    from himac.experiment import load_config
     from himac.rundir import RunDir
     cfg = load_config(config, {**overrides, **VARIANTS[name]})
     run = RunDir(out / name)

@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from himac import config as C  # noqa: E402
-from himac.coevolve import Trainer, load_config  # noqa: E402
-from himac.rundir import RunDir  # noqa: E402
+from himac import config as C
+from himac.coevolve import Trainer
+from himac.experiment import load_config
+from himac.rundir import RunDir
 
 GiB = 2 ** 30
 

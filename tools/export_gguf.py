@@ -3,7 +3,7 @@
     python tools/export_gguf.py --checkpoint runs/sokoban_cpu-XXXX --out agent.gguf [--quant f16|f32|q8_0|q4_k_m]
         [--base trained|original] [--lora-out agent-lora.gguf] [--no-verify]
 
-The file loads in llama.cpp, llama-cpp-python and ollama (see README "Export").
+The file loads in llama.cpp, llama-cpp-python and ollama (see docs/export.md).
 With llama-cpp-python installed, the exported tokenizer is checked against the
 training tokenizer on chat prompts holding `<sub_done>` before the command succeeds.
 """
@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from himac import export  # noqa: E402
+from himac import export
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,7 @@
 """himac's cache directory and the one way things are written into it.
 
+It lives with the environments, the bottom layer, because both an env (ALFWorld
+unpacks its game tarballs here) and the model loader (materialised models) use it.
 Torch-free on purpose: env worker processes use it too.
 """
 from __future__ import annotations

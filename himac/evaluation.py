@@ -1,0 +1,134 @@
+"""Evaluate an agent greedily on held-out episodes: one greedy blueprint, then a greedy executor.
+
+`evaluate_agent` takes any `himac.policy.AgentPolicy`, so the same episodes run
+on the training model (transformers) or on an exported GGUF (llama.cpp); the
+command line over both is himac/evaluate.py.
+
+Held-out seeds come from `envs.seeds.eval_seeds`, a stream disjoint from the
+training tasks', so "success" here is on rooms never trained on. Env-specific facts
+of each episode (`pool.infos`: Sokoban's optimal move count, an ALFWorld game's
+file) are copied into its record untouched, and the env's own `report` turns them
+into summary numbers (Sokoban's optimality gap).
+"""
+from __future__ import annotations
+
+import time
+
+from envs import EnvSpec, get_spec
+from envs.seeds import eval_seeds
+from himac import executor, planner
+from himac.policy import AgentPolicy
+
+
+def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], pcfg: planner.PlannerConfig,
+                   ecfg: executor.ExecutorConfig, flat: bool = False) -> dict:
+    """Greedy planner + greedy executor on `seeds`; returns a flat report dict and per-episode records.
+
+    `flat`: evaluate the hierarchy-free agent (no blueprint; see executor.py).
+    """
+    first = pool.reset(seeds)
+    tasks, types, infos = list(pool.tasks), list(pool.task_types), list(pool.infos)
+    if flat:
+        blueprints = [planner.Blueprint(i, [], [], "", [], True, 0.0) for i in range(len(seeds))]
+    else:
+        blueprints = [g[0] for g in planner.generate(policy, spec.prompts, tasks, first, pcfg, n=1, temperature=0.0)]
+    runnable = [i for i, b in enumerate(blueprints) if b.valid]
+    trajs = executor.generate(policy, spec.prompts, spec.parse_action, pool, [seeds[i] for i in runnable],
+                              [(i, blueprints[i].subgoals) for i in runnable], ecfg, greedy=True, flat=flat)
+    by_task = {t.task: t for t in trajs}
+    episodes = []
+    for i, seed in enumerate(seeds):
+        t = by_task.get(i)
+        episodes.append({
+            "seed": seed, "task_type": types[i], "blueprint": blueprints[i].text, "valid_blueprint": blueprints[i].valid,
+            "success": bool(t and t.success), "return": t.ret if t else pcfg.blueprint_fail_penalty,
+            "env_steps": t.env_steps if t else 0, "end": t.end if t else "invalid_blueprint",
+            "actions": [s.text.strip() for s in t.steps] if t else [], **infos[i]})
+    return {**summarise(episodes, spec), "episodes": episodes}
+
+
+def summarise(episodes: list[dict], spec: EnvSpec) -> dict:
+    n = max(len(episodes), 1)
+    report = {
+        "episodes_run": len(episodes),
+        "success_rate": sum(e["success"] for e in episodes) / n,
+        "return_mean": sum(e["return"] for e in episodes) / n,
+        "blueprint_valid_rate": sum(e["valid_blueprint"] for e in episodes) / n,
+    }
+    for tt in sorted({e["task_type"] for e in episodes}):
+        sub = [e for e in episodes if e["task_type"] == tt]
+        report[f"success_rate/{tt}"] = sum(e["success"] for e in sub) / len(sub)
+        report[f"return_mean/{tt}"] = sum(e["return"] for e in sub) / len(sub)
+    if spec.report is not None:
+        report.update(spec.report(episodes))
+    return report
+
+
+class Metered:
+    """An AgentPolicy that forwards to another, counting generated tokens and generation seconds."""
+
+    def __init__(self, policy: AgentPolicy, bar=None):
+        self.policy, self.bar = policy, bar
+        self.tokens, self.prompt_tokens, self.seconds, self.calls = 0, 0, 0.0, 0
+
+    def encode(self, messages, prefix=""):
+        return self.policy.encode(messages, prefix)
+
+    def encode_images(self, messages, prefix, images):
+        return self.policy.encode_images(messages, prefix, images)
+
+    def decode(self, ids):
+        return self.policy.decode(ids)
+
+    def generate(self, prompts, *args, **kwargs):
+        tic = time.perf_counter()
+        out = self.policy.generate(prompts, *args, **kwargs)
+        self.seconds += time.perf_counter() - tic
+        self.tokens += sum(len(o.ids) for o in out)
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.calls += 1
+        if self.bar is not None:
+            self.bar.set_postfix(tok_s=f"{self.tokens / max(self.seconds, 1e-9):.1f}", turns=self.calls)
+        return out
+
+
+def run_evaluation(policy: AgentPolicy, cfg, episodes: int, seed_offset: int = 0, chunk: int | None = None,
+                   progress: bool = True) -> dict:
+    """evaluate_agent over `episodes` held-out seeds in chunks (a progress bar ticks per chunk)."""
+    from tqdm.auto import tqdm
+    spec = get_spec(cfg.run.env)
+    seeds = eval_seeds(episodes, seed_offset)
+    chunk = chunk or max(cfg.run.gen_batch_size, 1)
+    pool = spec.pool(cfg.env, evaluation=True)
+    records: list[dict] = []
+    tic = time.perf_counter()
+    with tqdm(total=len(seeds), desc="evaluate", unit="ep", disable=not progress or None, dynamic_ncols=True) as bar:
+        meter = Metered(policy, bar)
+        try:
+            for start in range(0, len(seeds), chunk):
+                part = seeds[start:start + chunk]
+                records += evaluate_agent(meter, spec, pool, part, cfg.planner, cfg.executor)["episodes"]
+                bar.update(len(part))
+        finally:
+            pool.close()
+    wall = time.perf_counter() - tic
+    return {**summarise(records, spec), "time/wall_s": wall, "perf/episodes_per_s": len(records) / wall,
+            "perf/generated_tokens": meter.tokens, "perf/prompt_tokens": meter.prompt_tokens,
+            "perf/generate_s": meter.seconds,
+            "perf/gen_tokens_per_s": meter.tokens / max(meter.seconds, 1e-9), "episodes": records}
+
+
+def format_table(rows: list[list], headers: list[str]) -> str:
+    """A plain aligned text table; numbers right-aligned, floats with 3 decimals."""
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def report_table(report: dict) -> str:
+    rows = [[k, v] for k, v in report.items() if k != "episodes" and isinstance(v, (int, float))]
+    return format_table(rows, ["metric", "value"])

@@ -1,0 +1,159 @@
+"""One experiment: its config, its variants, and the advantages its groups get.
+
+- `Config` gathers one dataclass per component (run, model, planner, executor,
+  update, env) from a flat YAML file plus `--set` overrides (himac.config does the
+  routing and checking); `load_config` is the only way the entry points build one.
+- `VARIANTS` names the paper's §4.3 ablations and the flat baselines, each a set of
+  config overrides on top of any experiment: one switch each.
+- `advantages` scores a phase's groups with the estimator the config names, through
+  the registry in himac.estimators; the loop calls it without knowing which one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from envs import get_spec
+from envs.seeds import task_seeds
+from himac import config as C
+from himac import estimators, executor, models, planner
+from himac.update import UpdateConfig
+
+
+@dataclass
+class RunConfig:
+    env: str = "sokoban"
+    """Environment name in envs.REGISTRY."""
+    iterations: int = 100
+    """Co-evolution iterations T (each runs Phase A then Phase B)."""
+    tasks_per_iteration: int = 4
+    """B: tasks per iteration; each is its own macro group and micro group."""
+    seed: int = 0
+    """Seeds the model's sampling and the training tasks; same seed, same tasks."""
+    task_pool: int = 0
+    """0: fresh tasks every iteration; N: a fixed training set of N tasks, visited in turn."""
+    gen_batch_size: int = 16
+    """Prompts per generate() call."""
+    save_every: int = 1
+    """Checkpoint every this many iterations (and always at the end)."""
+    eval_episodes: int = 0
+    """Held-out episodes evaluated greedily before training, every eval_every, and at the end (0: off)."""
+    eval_every: int = 0
+    """Evaluate every this many iterations (0: only before and after)."""
+    eval_offset: int = 0
+    """First seed of the held-out stream (envs.seeds.eval_seeds); envs.seeds.VALIDATION_OFFSET picks the
+    validation range, kept apart from the rooms results are reported on."""
+    sample_log: int = 1
+    """Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
+    time_budget_s: float = 0.0
+    """Stop after the iteration that brings training time (evaluation excluded) past this (0: no limit)."""
+    hierarchy: bool = True
+    """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
+    the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
+    coevolution: bool = True
+    """False: the 'w/o co-evolution' ablation: Phase A and B both roll out with the iteration's starting
+    policy and one optimiser step carries the blueprint and the action losses together."""
+    blueprint_choice: str = "best"
+    """Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded uniform pick
+    among the task's valid blueprints: the 'random blueprint' ablation)."""
+
+    def __post_init__(self):
+        C.check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
+        C.check(self.tasks_per_iteration >= 1, "tasks_per_iteration", self.tasks_per_iteration, "must be >= 1")
+        C.check(self.gen_batch_size >= 1, "gen_batch_size", self.gen_batch_size, "must be >= 1")
+        C.check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
+        C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        C.check(self.eval_offset >= 0, "eval_offset", self.eval_offset, "must be >= 0")
+        C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
+        C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
+        C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
+                "must be 'best' or 'random'")
+
+    def task_seeds(self, iteration: int) -> list[int]:
+        """Env seeds of the iteration's B training tasks (Algorithm 1, line 2: x ~ D)."""
+        return task_seeds(self.seed, iteration, self.tasks_per_iteration, self.task_pool)
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    model: models.ModelConfig
+    planner: planner.PlannerConfig
+    executor: executor.ExecutorConfig
+    update: UpdateConfig
+    env: object  # the env's own dataclass (e.g. envs.sokoban.SokobanConfig)
+
+    def flat(self) -> dict:
+        return C.to_flat({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+def sections(env_name: str) -> dict[str, type]:
+    """Config section name -> dataclass, for an experiment on env `env_name`."""
+    try:
+        spec = get_spec(env_name)
+    except KeyError as e:
+        raise C.ConfigError(f"config key 'env' = {env_name!r}: {e.args[0]}") from None
+    return {"run": RunConfig, "model": models.ModelConfig, "planner": planner.PlannerConfig,
+            "executor": executor.ExecutorConfig, "update": UpdateConfig, "env": spec.config}
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None, base: dict | None = None) -> Config:
+    """Flat YAML (or a base dict, e.g. a resumed run's config) + --set overrides -> Config."""
+    flat = dict(base or {})
+    if path is not None:
+        flat.update(C.load_yaml(path))
+    flat.update(overrides or {})
+    env_name = flat.get("env", RunConfig.env)
+    return Config(**C.route(flat, sections(env_name), str(path or "the run's config.yaml")))
+
+
+# -- variants: the §4.3 ablations and the flat baselines, one switch each -------------------
+VARIANTS: dict[str, dict] = {
+    "himac": {},  # the full method
+    "flat_grpo": {"hierarchy": False},  # w/o hierarchy: one flat policy, GRPO over whole trajectories
+    "flat_rloo": {"hierarchy": False, "advantage": "rloo"},  # the flat agent, RLOO's leave-one-out baseline
+    "flat_gigpo": {"hierarchy": False, "advantage": "gigpo"},  # the flat agent, GiGPO's step groups
+    "no_coevolution": {"coevolution": False},  # planner and executor losses in one update step
+    "no_sub_done": {"sub_done": False},  # a fixed T_limit steps per sub-goal instead of <sub_done>
+    "random_blueprint": {"blueprint_choice": "random"},  # Phase B under a random blueprint, not z*
+}
+
+
+# -- advantages ------------------------------------------------------------------------
+def estimator_params(cfg: UpdateConfig) -> estimators.Params:
+    return estimators.Params(scale_std=cfg.adv_scale_std, eps=cfg.adv_eps, gamma=cfg.gigpo_gamma,
+                             step_weight=cfg.gigpo_step_weight)
+
+
+def blueprint_advantages(returns: torch.Tensor, group: torch.Tensor, cfg: UpdateConfig) -> torch.Tensor:
+    """(N,) advantages of N blueprints (one step each) in their task groups: Eq. 2 or the configured peer."""
+    samples = estimators.Samples.one_step_each(returns, group)
+    return estimators.ESTIMATORS[cfg.advantage](samples, estimator_params(cfg))
+
+
+def trajectory_advantages(trajs: list[executor.Trajectory], cfg: UpdateConfig) -> list[list[float]]:
+    """Per-step advantages of trajectories grouped by task: one list per trajectory, one float per step."""
+    if not trajs:
+        return []
+    anchors: dict[str, int] = {}
+    step_sample, step_anchor, step_reward = [], [], []
+    for i, tr in enumerate(trajs):
+        step_sample += [i] * len(tr.steps)
+        step_anchor += [anchors.setdefault(s.anchor, len(anchors)) for s in tr.steps]
+        step_reward += [s.reward for s in tr.steps]
+    samples = estimators.Samples(
+        returns=torch.tensor([tr.ret for tr in trajs]),  # (N,)
+        group=torch.tensor([tr.task for tr in trajs]),  # (N,)
+        step_sample=torch.tensor(step_sample, dtype=torch.long),  # (S,)
+        step_anchor=torch.tensor(step_anchor, dtype=torch.long),  # (S,)
+        step_reward=torch.tensor(step_reward, dtype=torch.float64))  # (S,)
+    adv = estimators.ESTIMATORS[cfg.advantage](samples, estimator_params(cfg)).tolist()  # (S,)
+    out, k = [], 0
+    for tr in trajs:
+        out.append(adv[k:k + len(tr.steps)])
+        k += len(tr.steps)
+    return out

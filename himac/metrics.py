@@ -1,0 +1,70 @@
+"""The per-iteration metrics, built in one place for the hierarchical and the flat loop.
+
+Flat names, one dict per iteration (README "Using it" lists them): `macro/*` for
+Phase A (blueprints and their greedy rollouts), `micro/*` for the sampled
+trajectories the executor is trained on (Phase B, or the flat agent's), `env/*`
+for how episodes went, `time/*`, `gen/*`, `perf/*` for where the time went.
+"""
+from __future__ import annotations
+
+import torch
+
+from himac.executor import Trajectory
+
+ENDS = ("solved", "max_steps", "plan_exhausted", "subgoal_step_limit", "failure_keyword", "env_error")
+FLAT_ENDS = ("solved", "max_steps", "failure_keyword", "env_error")  # a flat episode has no plan to end
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs)) / len(xs) if xs else 0.0
+
+
+def std(x: torch.Tensor) -> float:
+    return float(x.std()) if x.numel() > 1 else 0.0
+
+
+def trajectories(prefix: str, trajs: list[Trajectory], adv: torch.Tensor, hierarchy: bool) -> dict:
+    """Outcomes of the trained-on (sampled) trajectories, and the spread of their per-step advantages."""
+    m = {f"{prefix}/success_rate": mean(tr.success for tr in trajs),
+         f"{prefix}/return_mean": mean(tr.ret for tr in trajs),
+         f"{prefix}/adv_std": std(adv),
+         f"{prefix}/steps_mean": mean(tr.env_steps for tr in trajs)}
+    if hierarchy:
+        m[f"{prefix}/subgoal_completion"] = mean(tr.subgoals_done / max(len(tr.subgoals), 1) for tr in trajs)
+    return m
+
+
+def env(trajs: list[Trajectory], ends: tuple[str, ...]) -> dict:
+    """Env steps, the invalid-answer rate and the share of episodes ending each way."""
+    steps = sum(tr.env_steps for tr in trajs)
+    m = {"env/steps": steps, "env/invalid_action_rate": sum(tr.invalid for tr in trajs) / max(steps, 1)}
+    m.update({f"env/end_{end}": mean(tr.end == end for tr in trajs) for end in ends})
+    return m
+
+
+def update(prefix: str, stats: dict) -> dict:
+    """An update's own numbers (loss, kl, clipfrac, ratio_mean, grad_norm, tokens, update_s) under `prefix`."""
+    return {f"{prefix}/{k}": v for k, v in stats.items()}
+
+
+def timing(timings: dict, gen_s: float, gen_tokens: float, update_s: float) -> dict:
+    return {"time/generate_s": gen_s, "time/update_s": update_s, "time/env_s": timings.get("env_s", 0.0),
+            "gen/tokens": gen_tokens, "perf/gen_tokens_per_s": gen_tokens / gen_s if gen_s else 0.0}
+
+
+def blueprints(flat_bp: list, returns: torch.Tensor, adv: torch.Tensor, greedy: list[Trajectory],
+               success: list[bool], z_star: dict) -> dict:
+    """Phase A: the B*G blueprints, their greedy returns and advantages, and the chosen z*."""
+    n = max(len(flat_bp), 1)
+    by_id = {id(z): s for z, s in zip(flat_bp, success)}
+    return {"success_rate": sum(success) / n,  # Phase A greedy rollouts, invalid blueprints count as failures
+            "macro/return_mean": float(returns.mean()),
+            "macro/return_std": std(returns),
+            "macro/adv_std": std(adv),
+            "macro/blueprint_valid_rate": sum(z.valid for z in flat_bp) / n,
+            "macro/subgoals_mean": sum(len(z.subgoals) for z in flat_bp) / n,
+            "macro/blueprint_tokens_mean": sum(len(z.completion_ids) for z in flat_bp) / n,
+            "macro/unique_rollouts": len(greedy),
+            "macro/z_star_success_rate": mean(by_id[id(z)] for z in z_star.values()),
+            "micro/tasks": len(z_star)}
