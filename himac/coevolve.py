@@ -39,10 +39,11 @@ from envs.seeds import eval_seeds
 from himac import config as C
 from himac import executor, metrics, models, planner
 from himac.evaluation import evaluate_agent
-from himac.experiment import Config, blueprint_advantages, load_config, sections, trajectory_advantages
+from himac.experiment import (Config, blueprint_advantages, load_config, sections, trajectory_advantages,
+                              without_silent)
 from himac.policy import Policy
 from himac.rundir import RunDir
-from himac.update import ACTION, BLUEPRINT, make_optimizer, policy_update
+from himac.update import ACTION, BLUEPRINT, Optimizers, policy_update
 
 CHOICE_SALT = 31_337  # the random-blueprint ablation's own random stream
 
@@ -56,10 +57,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model, tokenizer = models.load(cfg.model, adapter_dir=run.adapter_dir if resume else None)
         self.policy = Policy(model, tokenizer, gen_batch_size=cfg.run.gen_batch_size)
-        self.optimizer = make_optimizer(model, cfg.update)
+        self.optimizers = Optimizers(model, cfg.update)
         self.pool = self.spec.pool(cfg.env)
         self._eval_pool = None
-        self.start = run.load_trainer_state(self.optimizer) + 1 if resume else 0
+        self.start = run.load_trainer_state(self.optimizers) + 1 if resume else 0
 
     # -- Algorithm 1 ------------------------------------------------------------------
     def iteration(self, t: int, bar=None) -> tuple[dict, list[dict]]:
@@ -94,12 +95,14 @@ class Trainer:
                                 else cfg.planner.blueprint_fail_penalty for z in flat_bp])  # (B*G,)
         success = [z.valid and greedy[unique[(z.task, tuple(z.subgoals))]].success for z in flat_bp]
         macro_groups = torch.arange(B).repeat_interleave(G)  # (B*G,)
-        adv_macro = blueprint_advantages(returns, macro_groups, cfg.update)  # line 8, (B*G,)
-        rows_a = planner.training_rows(flat_bp, adv_macro.tolist())
+        adv_a, silent_a = without_silent([[a] for a in blueprint_advantages(returns, macro_groups, cfg.update).tolist()],
+                                         macro_groups.tolist())  # line 8
+        keep = self._kept([z.task for z in flat_bp], silent_a)
+        rows_a = planner.training_rows([flat_bp[i] for i in keep], [adv_a[i][0] for i in keep])
         m_macro: dict = {}
         if cfg.run.coevolution:
             phase("A: update")
-            m_macro = policy_update(self.policy, self.optimizer, rows_a, cfg.update, {BLUEPRINT})  # line 9
+            m_macro = self._update(rows_a, {BLUEPRINT})  # line 9
         else:
             phase("A: (update deferred)")
 
@@ -111,19 +114,25 @@ class Trainer:
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes_b], episodes_b, cfg.executor, greedy=False,
                                     timings=timings)  # line 12
-        adv_b = trajectory_advantages(sampled, cfg.update)  # line 13, per step
-        rows_b = executor.training_rows(sampled, adv_b, sample_offset=len(rows_a))
+        adv_b, silent_b = without_silent(trajectory_advantages(sampled, cfg.update),
+                                         [tr.task for tr in sampled])  # line 13, per step
+        keep = self._kept([tr.task for tr in sampled], silent_b)
+        rows_b = executor.training_rows([sampled[i] for i in keep], [adv_b[i] for i in keep],
+                                        sample_offset=len(rows_a))
         m_micro: dict = {}
         phase("B: update")
         if cfg.run.coevolution:
             if rows_b:
-                m_micro = policy_update(self.policy, self.optimizer, rows_b, cfg.update, {ACTION})  # line 14
+                m_micro = self._update(rows_b, {ACTION})  # line 14
         else:  # w/o co-evolution: one step, both masks, on rollouts of the same starting policy
-            m_macro = policy_update(self.policy, self.optimizer, rows_a + rows_b, cfg.update, {BLUEPRINT, ACTION})
+            m_macro = self._update(rows_a + rows_b, {BLUEPRINT, ACTION})
 
         m = {"iteration": t,
-             **metrics.blueprints(flat_bp, returns, adv_macro, greedy, success, z_star),
+             **metrics.blueprints(flat_bp, returns, _flat(adv_a), greedy, success, z_star),
+             "macro/zero_var_groups": len(silent_a) / B,
              **metrics.trajectories("micro", sampled, _flat(adv_b), hierarchy=True),
+             "micro/zero_var_groups": len(silent_b) / max(len(z_star), 1),
+             **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
              **metrics.env(greedy + sampled, metrics.ENDS),
              **metrics.update("macro", m_macro), **metrics.update("micro", m_micro),
              **metrics.timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
@@ -149,19 +158,28 @@ class Trainer:
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=False,
                                     timings=timings, flat=True)
-        adv = trajectory_advantages(sampled, cfg.update)  # per step
+        adv, silent = without_silent(trajectory_advantages(sampled, cfg.update), [tr.task for tr in sampled])
+        keep = self._kept([tr.task for tr in sampled], silent)
         phase("flat: update")
-        m_update = policy_update(self.policy, self.optimizer, executor.training_rows(sampled, adv),
-                                 cfg.update, {ACTION})
+        m_update = self._update(executor.training_rows([sampled[i] for i in keep], [adv[i] for i in keep]), {ACTION})
         m = {"iteration": t, "success_rate": metrics.mean(tr.success for tr in sampled),
              "macro/return_mean": metrics.mean(tr.ret for tr in sampled),  # the progress bar's and plot's "return"
              **metrics.trajectories("micro", sampled, _flat(adv), hierarchy=False),
+             "micro/zero_var_groups": len(silent) / B,
+             **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
              **metrics.env(sampled, metrics.FLAT_ENDS),
              **metrics.update("micro", m_update),
              **metrics.timing(timings, timings.get("generate_s", 0.0), timings.get("generated_tokens", 0.0),
                               m_update.get("update_s", 0.0))}
         samples = [{"iteration": t, "task": b, "flat": _answers(sampled, b)} for b in range(min(cfg.run.sample_log, B))]
         return m, samples
+
+    def _kept(self, group: list[int], silent: set[int]) -> list[int]:
+        """Indices of the samples that enter the update: all, or (drop_zero_variance) those of live groups."""
+        return [i for i, g in enumerate(group) if not (self.cfg.update.drop_zero_variance and g in silent)]
+
+    def _update(self, rows, kinds: set[int]) -> dict:
+        return policy_update(self.policy, self.optimizers.for_kinds(kinds), rows, self.cfg.update, kinds)
 
     # -- evaluation and the loop --------------------------------------------------------
     def evaluate(self, t: int) -> dict:
@@ -208,7 +226,7 @@ class Trainer:
             for s in samples:
                 run.log(s, "samples.jsonl")
             if last or (t + 1) % cfg.run.save_every == 0:
-                run.save_checkpoint(self.policy.model, self.optimizer, t)
+                run.save_checkpoint(self.policy.model, self.optimizers, t)
                 run.plot()
             bar.set_postfix(success=f"{m['success_rate']:.2f}", ret=f"{m['macro/return_mean']:.2f}",
                             wall=f"{m['wall_s']:.0f}s")

@@ -49,6 +49,7 @@ class Params:
     eps: float = 1e-6  # Eq. 2's epsilon
     gamma: float = 0.95  # GiGPO: discount of the step returns
     step_weight: float = 1.0  # GiGPO: omega, weight of the step-level term
+    std_floor: float = 0.0  # Eq. 2's std is at least this (reward units); 0: the paper's Eq. 2
 
 
 Estimator = Callable[[Samples, Params], torch.Tensor]
@@ -56,7 +57,7 @@ Estimator = Callable[[Samples, Params], torch.Tensor]
 
 def grpo(s: Samples, p: Params) -> torch.Tensor:  # (S,)
     """Eq. 2 over each group's returns, broadcast to the sample's steps."""
-    return group_advantages(s.returns, s.group, p.scale_std, p.eps)[s.step_sample]
+    return group_advantages(s.returns, s.group, p.scale_std, p.eps, p.std_floor)[s.step_sample]
 
 
 def rloo_advantages(
@@ -99,6 +100,7 @@ def gigpo_advantages(
     step_weight: float = 1.0,
     scale_std: bool = True,
     eps: float = 1e-6,
+    std_floor: float = 0.0,
 ) -> torch.Tensor:  # (S,)
     """A = A^E(episode) + omega * A^S(step), per step.
 
@@ -107,13 +109,13 @@ def gigpo_advantages(
     observation (same `step_anchor` within the same episode group), scored by its
     discounted return. A state visited once forms a group of one and gets A^S = 0.
     """
-    a_episode = group_advantages(episode_returns, episode_group, scale_std, eps)[step_episode]  # (S,)
+    a_episode = group_advantages(episode_returns, episode_group, scale_std, eps, std_floor)[step_episode]  # (S,)
     if step_returns.numel() == 0:
         return a_episode
     # a step group = (episode group, anchor); fold the pair into one integer key
     pair = torch.stack([episode_group[step_episode], step_anchor], 1)  # (S, 2)
     _, step_group = torch.unique(pair, dim=0, return_inverse=True)  # (S,)
-    a_step = group_advantages(step_returns, step_group, scale_std, eps)  # (S,)
+    a_step = group_advantages(step_returns, step_group, scale_std, eps, std_floor)  # (S,)
     return a_episode + step_weight * a_step
 
 
@@ -123,7 +125,7 @@ def gigpo(s: Samples, p: Params) -> torch.Tensor:  # (S,)
         at = (s.step_sample == i).nonzero().squeeze(1)
         step_returns[at] = torch.tensor(discounted_returns(s.step_reward[at].tolist(), p.gamma))
     return gigpo_advantages(s.returns, s.group, s.step_sample, s.step_anchor, step_returns,
-                            p.step_weight, p.scale_std, p.eps)
+                            p.step_weight, p.scale_std, p.eps, p.std_floor)
 
 
 ESTIMATORS: dict[str, Estimator] = {"grpo": grpo, "rloo": rloo, "gigpo": gigpo}

@@ -16,7 +16,7 @@ import time
 
 from envs import EnvSpec, get_spec
 from envs.seeds import eval_seeds
-from himac import executor, planner
+from himac import executor, metrics, planner
 from himac.policy import AgentPolicy
 
 
@@ -43,7 +43,8 @@ def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], p
             "seed": seed, "task_type": types[i], "blueprint": blueprints[i].text, "valid_blueprint": blueprints[i].valid,
             "success": bool(t and t.success), "return": t.ret if t else pcfg.blueprint_fail_penalty,
             "env_steps": t.env_steps if t else 0, "end": t.end if t else "invalid_blueprint",
-            "actions": [s.text.strip() for s in t.steps] if t else [], **infos[i]})
+            "actions": [s.text.strip() for s in t.steps] if t else [], "moves": [s.move for s in t.steps] if t else [],
+            **infos[i]})
     return {**summarise(episodes, spec), "episodes": episodes}
 
 
@@ -59,6 +60,7 @@ def summarise(episodes: list[dict], spec: EnvSpec) -> dict:
         sub = [e for e in episodes if e["task_type"] == tt]
         report[f"success_rate/{tt}"] = sum(e["success"] for e in sub) / len(sub)
         report[f"return_mean/{tt}"] = sum(e["return"] for e in sub) / len(sub)
+    report.update(metrics.actions("", [mv for e in episodes for mv in e["moves"]], spec.actions))
     if spec.report is not None:
         report.update(spec.report(episodes))
     return report

@@ -11,7 +11,8 @@ or `<sub_done>`, which advances k <- k + 1 without touching the env. An episode
 ends when:
 - the env reports success ("solved") or its step budget runs out ("max_steps");
 - `<sub_done>` is given for the last sub-goal while the task is unsolved
-  ("plan_exhausted");
+  ("plan_exhausted"): penalised with `plan_exhausted_penalty` (by default
+  `halt_penalty`), since ending early must not beat playing on and failing;
 - T_limit (`subgoal_step_limit`) env steps pass in one segment without
   `<sub_done>`: halted with `halt_penalty` ("subgoal_step_limit");
 - a failure keyword appears in the answer or the observation: halted with
@@ -40,6 +41,7 @@ from himac.policy import Policy
 from himac.update import ACTION, Row
 
 SUB_DONE = "<sub_done>"
+INVALID = "(invalid)"
 SUB_DONE_RULE = f" If the sub-goal is already achieved, answer {SUB_DONE}."
 
 
@@ -57,6 +59,9 @@ class ExecutorConfig:
     """Case-insensitive strings that halt the episode when the answer or observation has one."""
     halt_penalty: float = -1.0
     """Added to the return when T_limit or a failure keyword halts the episode."""
+    plan_exhausted_penalty: float | None = None
+    """Added to the return when <sub_done> on the last sub-goal ends an unsolved episode (None: halt_penalty;
+    0: free, which makes quitting at once the best way to fail)."""
     invalid_action_penalty: float = -0.1
     """Added (on top of the env's step cost) for an answer that is no valid action."""
     history_window: int = 4
@@ -89,6 +94,11 @@ class Step:
     reward: float = 0.0
     anchor: str = ""  # the observation the answer was given in (GiGPO's anchor state)
     images: Any = None  # vision.Pixels of the frame shown (visual observations), else None
+
+    @property
+    def move(self) -> str:
+        """What the answer did, for action histograms: the action, SUB_DONE, or INVALID."""
+        return SUB_DONE if self.sub_done else str(self.action) if self.valid else INVALID
 
 
 @dataclass
@@ -185,8 +195,11 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
             if done_flag:  # <sub_done>: next sub-goal, no env step
                 x.traj.subgoals_done += 1
                 x.k, x.segment_steps, x.history = x.k + 1, 0, []
-                if x.k >= len(x.traj.subgoals):
+                if x.k >= len(x.traj.subgoals):  # the plan is done but the task is not
                     x.traj.end = "plan_exhausted"
+                    penalty = cfg.halt_penalty if cfg.plan_exhausted_penalty is None else cfg.plan_exhausted_penalty
+                    x.traj.ret += penalty
+                    step.reward += penalty
             else:
                 to_step.append((x, step))
         t0 = time.perf_counter()

@@ -126,7 +126,7 @@ VARIANTS: dict[str, dict] = {
 # -- advantages ------------------------------------------------------------------------
 def estimator_params(cfg: UpdateConfig) -> estimators.Params:
     return estimators.Params(scale_std=cfg.adv_scale_std, eps=cfg.adv_eps, gamma=cfg.gigpo_gamma,
-                             step_weight=cfg.gigpo_step_weight)
+                             step_weight=cfg.gigpo_step_weight, std_floor=cfg.adv_std_floor)
 
 
 def blueprint_advantages(returns: torch.Tensor, group: torch.Tensor, cfg: UpdateConfig) -> torch.Tensor:
@@ -157,3 +157,21 @@ def trajectory_advantages(trajs: list[executor.Trajectory], cfg: UpdateConfig) -
         out.append(adv[k:k + len(tr.steps)])
         k += len(tr.steps)
     return out
+
+
+def silent_groups(per_step: list[list[float]], group: list[int], tol: float = 1e-6) -> set[int]:
+    """Groups in which every step of every sample has advantage 0 (to `tol`): nothing to compare.
+
+    Under Eq. 2 that is a group whose returns are all equal (a group of one too); under
+    GiGPO the step groups must be silent as well. DAPO's dynamic sampling drops such
+    groups (`drop_zero_variance`); either way they are counted (`*/zero_var_groups`).
+    """
+    loud = {g for steps, g in zip(per_step, group) if any(abs(a) > tol for a in steps)}
+    return set(group) - loud
+
+
+def without_silent(per_step: list[list[float]], group: list[int]) -> tuple[list[list[float]], set[int]]:
+    """Advantages with silent groups' set to exactly 0 (their float noise, e.g. 1e-11, is not signal),
+    and the silent groups."""
+    silent = silent_groups(per_step, group)
+    return [[0.0] * len(steps) if g in silent else steps for steps, g in zip(per_step, group)], silent

@@ -12,12 +12,15 @@ Choices the paper leaves open, stated here once:
   compare with), never NaN.
 - The KL term uses the k3 estimator  exp(r) - r - 1  with r = log pi_ref - log pi,
   which is unbiased for KL(pi || pi_ref), non-negative, and low-variance.
-- Token aggregation is "sample mean of token means": each sample (one blueprint,
+- Token aggregation is by default "sample mean of token means": each sample (one blueprint,
   or one whole trajectory spread over many executor-step rows) weighs 1/N as in
   Eq. 3's (1/N) sum_i, and within a sample every generated token weighs the same.
   The weights are fixed for the whole batch *before* micro-batching, so the sum of
   micro-batch losses is exactly the full-batch loss (per-micro-batch normalisation
-  is the bug class TRL hit in issues 2995/3021).
+  is the bug class TRL hit in issues 2995/3021). `token_weights` also offers a mean
+  over turns and a mean over tokens (the `loss_aggregation` key).
+- `std_floor` in Eq. 2 is an option measured against the paper's plain Eq. 2 (issue 11;
+  docs/results.md).
 
 The estimators that turn returns into per-step advantages (Eq. 2 and the flat
 peers RLOO and GiGPO) are registered in himac/estimators.py.
@@ -32,8 +35,14 @@ def group_advantages(
     group_index: torch.Tensor,  # (N,) long, which group each sample is in
     scale_std: bool = True,
     eps: float = 1e-6,
+    std_floor: float = 0.0,
 ) -> torch.Tensor:  # (N,)
-    """Eq. 2: A_i = (R_i - mean_group) / (std_group + eps); without std scaling, R_i - mean."""
+    """Eq. 2: A_i = (R_i - mean_group) / (max(std_group, std_floor) + eps); without std scaling, R_i - mean.
+
+    `std_floor` (in reward units, 0 = the paper's Eq. 2) keeps a group whose returns
+    differ only by noise (all failures, spread by step costs) from being blown up to
+    the same unit-size advantages as a group with a real success in it.
+    """
     returns = returns.double()
     _, inverse = torch.unique(group_index, return_inverse=True)  # (N,) dense ids 0..U-1
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
@@ -45,7 +54,7 @@ def group_advantages(
         return centred.float()
     sq = torch.zeros(num_groups, dtype=returns.dtype).index_add_(0, inverse, centred**2)
     var = sq / (count - 1).clamp(min=1)  # unbiased; a singleton has sq = 0 -> std 0
-    denom = var.sqrt()[inverse] + eps  # (N,)
+    denom = var.sqrt().clamp(min=std_floor)[inverse] + eps  # (N,)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and zero spread: centred is 0 anyway
     return (centred / denom).float()
 
@@ -68,6 +77,28 @@ def sample_token_weights(
         return torch.zeros_like(token_mask, dtype=torch.float32)
     per_row = 1.0 / (tokens[inverse].clamp(min=1) * present)  # (R,)
     return (mask * per_row[:, None]).float()
+
+
+def token_weights(
+    token_mask: torch.Tensor,  # (R, T) 1 where a token is trained
+    sample_index: torch.Tensor,  # (R,) long
+    aggregation: str = "sample",
+) -> torch.Tensor:  # (R, T)
+    """Loss weights of one optimiser step's tokens; they sum to 1 over the trained tokens.
+
+    - "sample": mean over samples of the token-mean of each sample (Eq. 3's 1/N over
+      samples; a trajectory's turns share its 1/N), `sample_token_weights`;
+    - "turn": mean over rows (executor turns, blueprints) of each row's token-mean;
+    - "token": every trained token of the step weighs the same (DAPO's token-level mean).
+    """
+    if aggregation == "sample":
+        return sample_token_weights(token_mask, sample_index)
+    if aggregation == "turn":
+        return sample_token_weights(token_mask, torch.arange(token_mask.shape[0]))
+    if aggregation == "token":
+        total = token_mask.sum()
+        return (token_mask / total).float() if total > 0 else torch.zeros_like(token_mask, dtype=torch.float32)
+    raise ValueError(f"aggregation {aggregation!r}: expected 'sample', 'turn' or 'token'")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -107,6 +138,7 @@ def clipped_surrogate(
         n = live.sum().clamp(min=1)
         stats = {
             "kl": (kl * live).sum() / n,
+            "approx_kl": ((ratio - 1.0 - log_ratio) * live).sum() / n,  # k3 of KL(pi_old || pi)
             "clipfrac": (((ratio - 1.0).abs() > clip_eps) & live).sum() / n,
             "ratio_mean": (ratio * live).sum() / n,
             "tokens": live.sum(),

@@ -7,9 +7,12 @@ for how episodes went, `time/*`, `gen/*`, `perf/*` for where the time went.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 
-from himac.executor import Trajectory
+from himac.executor import INVALID, SUB_DONE, Trajectory
 
 ENDS = ("solved", "max_steps", "plan_exhausted", "subgoal_step_limit", "failure_keyword", "env_error")
 FLAT_ENDS = ("solved", "max_steps", "failure_keyword", "env_error")  # a flat episode has no plan to end
@@ -33,6 +36,27 @@ def trajectories(prefix: str, trajs: list[Trajectory], adv: torch.Tensor, hierar
     if hierarchy:
         m[f"{prefix}/subgoal_completion"] = mean(tr.subgoals_done / max(len(tr.subgoals), 1) for tr in trajs)
     return m
+
+
+def actions(prefix: str, moves: list[str], names: tuple[str, ...] = ()) -> dict:
+    """The executor's answers as a histogram: collapse shows as one action taking them all.
+
+    `moves` are Step.move values (an action, SUB_DONE or INVALID). Shares are of all
+    answers; `action_top_share` is the largest share of any one env action,
+    `action_entropy` the entropy (nats) of the answers' distribution, SUB_DONE and
+    INVALID included as categories. `names`: the env's fixed action set (EnvSpec.actions),
+    which also gets one share each; envs without one (ALFWorld) report the top share only.
+    """
+    n = len(moves)
+    if not n:
+        return {}
+    count = Counter(moves)
+    acts = {a: c for a, c in count.items() if a not in (SUB_DONE, INVALID)}
+    m = {"action_top_share": max(acts.values(), default=0) / n,
+         "action_entropy": -sum(c / n * math.log(c / n) for c in count.values()),
+         "sub_done_share": count[SUB_DONE] / n, "invalid_share": count[INVALID] / n,
+         **{f"action_share/{a}": count[a] / n for a in names}}
+    return {f"{prefix}/{k}" if prefix else k: v for k, v in m.items()}
 
 
 def env(trajs: list[Trajectory], ends: tuple[str, ...]) -> dict:

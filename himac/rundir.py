@@ -65,9 +65,6 @@ class RunDir:
         """Where the checkpoint's merged GGUF at precision `quant` is kept."""
         return self.path / "export" / f"agent-{quant}.gguf"
 
-    def has_checkpoint(self) -> bool:
-        return (self.checkpoint / "trainer.pt").is_file()
-
     # -- config and provenance -------------------------------------------------------
     def write_config(self, flat: dict[str, Any]) -> None:
         _atomic_text(self.config_file, yaml.safe_dump(flat, sort_keys=False))
@@ -115,40 +112,136 @@ class RunDir:
                 _atomic_text(path, "".join(ln + "\n" for ln in keep))
 
     # -- checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self, model, optimizer, iteration: int) -> None:
-        tmp = self.path / "checkpoint.tmp"
+    # A checkpoint is written whole into checkpoint.tmp (COMPLETE is its last file), then
+    # swapped in: checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint, old removed.
+    # A crash anywhere in that leaves a complete checkpoint in one of the three places;
+    # `_recover` puts the newest complete one back at checkpoint/ before anything reads it.
+    def has_checkpoint(self) -> bool:
+        self._recover()
+        return (self.checkpoint / "trainer.pt").is_file()
+
+    def save_checkpoint(self, model, optimizers, iteration: int) -> None:
+        """Adapter (peft safetensors) + trainer state (optimisers, RNG, iteration) as one atomic unit.
+
+        `optimizers` is anything with a state_dict() (an Optimizer, update.Optimizers).
+        """
+        tmp, old = self.path / "checkpoint.tmp", self.path / "checkpoint.old"
+        self._recover()
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp / self.adapter_dir.name)  # peft: adapter_config.json + adapter_model.safetensors
-        state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        state = {"format": TRAINER_STATE_FORMAT, "iteration": iteration, "optimizers": optimizers.state_dict(),
+                 "rng": rng_state()}
         torch.save(state, tmp / "trainer.pt")
-        old = self.path / "checkpoint.old"
+        _sync_dir(tmp)
+        (tmp / "COMPLETE").write_text(str(iteration))
         shutil.rmtree(old, ignore_errors=True)
         if self.checkpoint.exists():
             os.replace(self.checkpoint, old)
-        os.replace(tmp, self.checkpoint)
+        os.replace(tmp, self.checkpoint)  # the swap: before it, old/ is complete; after it, checkpoint/ is
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_trainer_state(self, optimizer) -> int:
-        """Restore optimizer and RNG state; returns the last completed iteration."""
-        state = torch.load(self.checkpoint / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+    def load_trainer_state(self, optimizers) -> int:
+        """Restore optimiser and RNG state; returns the last completed iteration.
+
+        The file is read with `torch.load(weights_only=True)`: tensors, numbers, strings and
+        containers only, so a trainer.pt from someone else cannot run code here.
+        """
+        state = read_trainer_state(self.checkpoint / "trainer.pt")
+        optimizers.load_state_dict(state["optimizers"])
         set_rng_state(state["rng"])
         return int(state["iteration"])
 
+    def _recover(self) -> None:
+        """Finish a checkpoint swap that a crash interrupted (see above)."""
+        tmp, old = self.path / "checkpoint.tmp", self.path / "checkpoint.old"
+        if self.checkpoint.exists():
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)  # crashed just before the final clean-up
+            return
+        if (tmp / "COMPLETE").is_file():
+            os.replace(tmp, self.checkpoint)  # crashed between the two renames: the new one is whole
+        elif old.exists():
+            os.replace(old, self.checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+TRAINER_STATE_FORMAT = 2  # 2: weights_only-loadable (numpy RNG as tensors); 1 (no "format" key): pickled
+
+
+class UnsafeCheckpoint(ValueError):
+    """A trainer.pt that cannot be read without unpickling arbitrary objects."""
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    import pickle
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(
+            f"{path} holds objects that only a full unpickle can read, which could run code, so it is refused. "
+            f"A checkpoint written by himac before trainer-state format {TRAINER_STATE_FORMAT} looks like this: if "
+            f"you made it yourself, convert it once with `python tools/convert_checkpoint.py {path.parent.parent}` "
+            f"(details: {str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UnsafeCheckpoint(f"{path} is unreadable (truncated or not a trainer state): {e}") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
+        raise UnsafeCheckpoint(f"{path} is not a himac trainer state of format {TRAINER_STATE_FORMAT}")
+    return state
+
+
+def convert_legacy_trainer_state(run_dir: str | Path) -> Path:
+    """Rewrite a format-1 (pickled) trainer.pt in the weights_only format. Unpickles the old file:
+    only for checkpoints the user trusts (their own); the old file is kept as trainer.pt.legacy."""
+    path = RunDir(run_dir, create=False).checkpoint / "trainer.pt"
+    state = torch.load(path, weights_only=False)  # the user vouched for this file
+    if state.get("format") == TRAINER_STATE_FORMAT:
+        return path
+    py, np_state = state["rng"]["python"], state["rng"]["numpy"]
+    new = {"format": TRAINER_STATE_FORMAT, "iteration": int(state["iteration"]),
+           "optimizers": {"executor": state["optimizer"]},
+           "rng": {"python": py, "numpy": _numpy_state_to_tensors(np_state), "torch": state["rng"]["torch"],
+                   **({"cuda": state["rng"]["cuda"]} if "cuda" in state["rng"] else {})}}
+    os.replace(path, path.with_suffix(".pt.legacy"))
+    torch.save(new, path)
+    return path
+
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from, as tensors and plain numbers (weights_only-loadable)."""
+    state = {"python": random.getstate(), "numpy": _numpy_state_to_tensors(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_tensors(st) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = st
+    return {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _as_tuples(x):
+    """random.setstate needs tuples; a loader may hand lists back."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync every file under `path`, so COMPLETE is never on disk before what it vouches for."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""The policy-gradient step shared by both levels: rows in, one optimiser step out.
+"""The policy-gradient step shared by both levels: rows in, optimiser steps out.
 
 A `Row` is one (prompt, completion) pair the policy generated: a blueprint
 (kind BLUEPRINT, one row per blueprint) or one executor turn (kind ACTION, many
@@ -9,12 +9,22 @@ ablation selects both kinds in one step.
 
 Memory does not grow with G or M: rows are processed in micro-batches of
 `micro_batch_size`, gradients accumulate, and the loss weights are fixed for the
-whole batch first (groups.sample_token_weights), so accumulation is exact.
+whole batch first (groups.token_weights), so accumulation is exact.
 
-With one optimiser step per phase (ppo_epochs = mini_batches = 1, the default),
-pi_theta_old equals pi_theta at the time of the gradient, so old log-probs are
-the detached current ones and no extra forward pass is spent; with more steps
-they are computed once, before the first step, as PPO does.
+With one optimiser step per phase (ppo_epochs = mini_batches = 1), pi_theta_old
+equals pi_theta at the time of the gradient, so old log-probs are the detached
+current ones and no extra forward pass is spent; with more steps they are computed
+once, before the first step, as PPO does, and only then can Eq. 3's clip act.
+
+Controls on how far one phase moves the shared weights (issue 11; the defaults are
+what docs/results.md measured):
+- one AdamW per role (`optimizer_per_role`, see `Optimizers`): Phase A's steps do not
+  replay the executor's momentum, nor feed its second-moment estimate;
+- no step at all when every selected row's advantage is 0 (`skip_zero_advantage`):
+  Adam would otherwise move every weight by its momentum on a zero gradient;
+- a linear learning-rate warm-up per optimiser (`warmup_steps`): Adam's first steps
+  are sign steps of size lr on every LoRA weight;
+- an early stop of a phase's steps once KL(pi_old || pi) passes `target_kl`.
 """
 from __future__ import annotations
 
@@ -25,10 +35,11 @@ from typing import Any
 import torch
 
 from himac import groups, vision
-from himac.policy import Policy
+from himac.policy import TrainablePolicy
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
 ADVANTAGES = ("grpo", "rloo", "gigpo")
+AGGREGATIONS = ("sample", "turn", "token")
 
 
 @dataclass
@@ -63,6 +74,26 @@ class UpdateConfig:
     """epsilon in the denominator of Eq. 2."""
     adv_scale_std: bool = True
     """Divide by the group std in Eq. 2 (False: mean-centred returns only, as in Dr. GRPO)."""
+    adv_std_floor: float = 0.0
+    """Eq. 2 divides by max(std, this), in reward units (0: the paper's Eq. 2). A floor keeps groups
+    whose returns differ only by step costs from getting advantages as large as a real success's."""
+    drop_zero_variance: bool = False
+    """Groups whose returns are all equal (no signal) leave the update and its 1/N (DAPO's dynamic
+    sampling); counted as macro/ and micro/zero_var_groups either way."""
+    loss_aggregation: str = "sample"
+    """Token weights of Eq. 3: 'sample' (1/N per blueprint or trajectory, token-mean inside), 'turn'
+    (1/N per executor turn) or 'token' (every trained token the same)."""
+    optimizer_per_role: bool = False
+    """One AdamW state for the planner's (blueprint-only) steps and one for the executor's; False: one
+    shared state, so a Phase A step replays the executor's momentum."""
+    skip_zero_advantage: bool = False
+    """Take no optimiser step when every trained row's advantage is 0 (Adam's momentum would still move
+    every weight)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over each optimiser's first this many steps (0: none)."""
+    target_kl: float = 0.0
+    """Stop a phase's remaining steps (ppo_epochs x mini_batches) once the k3 estimate of
+    KL(pi_old || pi) on the next mini-batch passes this (0: never)."""
     micro_batch_size: int = 8
     """Rows per forward/backward; gradients accumulate across micro-batches."""
     ppo_epochs: int = 1
@@ -89,6 +120,11 @@ class UpdateConfig:
         check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
         check(self.mini_batches >= 1, "mini_batches", self.mini_batches, "must be >= 1")
         check(self.advantage in ADVANTAGES, "advantage", self.advantage, f"must be one of {ADVANTAGES}")
+        check(self.adv_std_floor >= 0, "adv_std_floor", self.adv_std_floor, "must be >= 0")
+        check(self.loss_aggregation in AGGREGATIONS, "loss_aggregation", self.loss_aggregation,
+              f"must be one of {AGGREGATIONS}")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.target_kl >= 0, "target_kl", self.target_kl, "must be >= 0")
         check(0 <= self.gigpo_gamma <= 1, "gigpo_gamma", self.gigpo_gamma, "must be in [0, 1]")
 
 
@@ -99,7 +135,36 @@ def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def row_weights(rows: list[Row], kinds: set[int]) -> torch.Tensor:
+class Optimizers:
+    """The optimiser state(s) of a run: one shared AdamW, or one per role (`optimizer_per_role`).
+
+    `for_kinds(kinds)` is the optimiser of an update on those token kinds: the planner's
+    for blueprint-only steps, the executor's for anything with actions (Phase B, the
+    flat agent, the one joint step of the w/o co-evolution ablation).
+    """
+
+    def __init__(self, model, cfg: UpdateConfig):
+        executor = make_optimizer(model, cfg)
+        self.by_role = {"executor": executor,
+                        "planner": make_optimizer(model, cfg) if cfg.optimizer_per_role else executor}
+
+    def for_kinds(self, kinds: set[int]) -> torch.optim.Optimizer:
+        return self.by_role["planner" if kinds == {BLUEPRINT} else "executor"]
+
+    def state_dict(self) -> dict:
+        out = {"executor": self.by_role["executor"].state_dict()}
+        if self.by_role["planner"] is not self.by_role["executor"]:
+            out["planner"] = self.by_role["planner"].state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if ("planner" in state) != (self.by_role["planner"] is not self.by_role["executor"]):
+            raise ValueError("the checkpoint's optimiser states do not match optimizer_per_role")
+        for role, sd in state.items():
+            self.by_role[role].load_state_dict(sd)
+
+
+def row_weights(rows: list[Row], kinds: set[int], aggregation: str = "sample") -> torch.Tensor:
     """(R, C) token weights over the rows of one optimiser step; unselected kinds weigh 0."""
     C = max(len(r.completion_ids) for r in rows)
     mask = torch.zeros(len(rows), C)
@@ -107,10 +172,10 @@ def row_weights(rows: list[Row], kinds: set[int]) -> torch.Tensor:
         if r.kind in kinds:
             mask[i, :len(r.completion_ids)] = 1
     samples = torch.tensor([r.sample for r in rows])
-    return groups.sample_token_weights(mask, samples)  # (R, C)
+    return groups.token_weights(mask, samples, aggregation)  # (R, C)
 
 
-def rows_loss(policy: Policy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
+def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
               old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice."""
     prompts = [r.prompt_ids for r in rows]
@@ -136,17 +201,24 @@ def _split_samples(rows: list[Row], parts: int) -> list[list[Row]]:
     return [part for part in out if part]
 
 
-def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[Row],
+def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, rows: list[Row],
                   cfg: UpdateConfig, kinds: set[int]) -> dict[str, float]:
-    """Clipped-surrogate update on the completion tokens of `rows` whose kind is in `kinds`."""
+    """Clipped-surrogate steps on the completion tokens of `rows` whose kind is in `kinds`.
+
+    Returns the update's numbers: loss, kl (to pi_ref), approx_kl (to pi_old), clipfrac,
+    ratio_mean, grad_norm (means over the steps taken), tokens, steps, steps_skipped,
+    update_s; {} when no row is selected.
+    """
     rows = [r for r in rows if r.kind in kinds and r.completion_ids]
     if not rows:
         return {}
     t0 = time.perf_counter()
+    planned = cfg.ppo_epochs * cfg.mini_batches
+    if cfg.skip_zero_advantage and all(r.advantage == 0 for r in rows):
+        return {"steps": 0.0, "steps_skipped": float(planned), "tokens": 0.0, "update_s": time.perf_counter() - t0}
     policy.model.train()
-    steps = cfg.ppo_epochs * cfg.mini_batches
     old: dict[int, torch.Tensor] = {}
-    if steps > 1:  # pi_old must be frozen before the first step changes theta
+    if planned > 1:  # pi_old must be frozen before the first step changes theta
         with torch.no_grad():
             for chunk in _chunks(rows, cfg.micro_batch_size):
                 temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in chunk])
@@ -154,12 +226,15 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[R
                                         **vision.image_kwargs([r.images for r in chunk]))
                 for r, row_lp in zip(chunk, lp):
                     old[id(r)] = row_lp.cpu()
-    totals = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
-    tokens, done_steps = 0.0, 0
+    base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
+    totals = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
+    tokens, done_steps, stopped = 0.0, 0, False
     for _ in range(cfg.ppo_epochs):
         for part in _split_samples(rows, cfg.mini_batches):
             part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
-            weights = row_weights(part, kinds)  # (R, C) fixed before micro-batching
+            weights = row_weights(part, kinds, cfg.loss_aggregation)  # (R, C) fixed before micro-batching
+            step = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0}
+            n_step = 0.0
             for start in range(0, len(part), cfg.micro_batch_size):
                 chunk = part[start:start + cfg.micro_batch_size]
                 old_lp = None
@@ -170,21 +245,33 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, rows: list[R
                 loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp)
                 loss.backward()
                 n = float(stats["tokens"])
-                totals["loss"] += float(loss.detach())
-                for k in ("kl", "clipfrac", "ratio_mean"):
-                    totals[k] += float(stats[k]) * n
-                tokens += n
+                step["loss"] += float(loss.detach())
+                for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
+                    step[k] += float(stats[k]) * n
+                n_step += n
+            if cfg.target_kl and done_steps and step["approx_kl"] / max(n_step, 1.0) > cfg.target_kl:
+                optimizer.zero_grad(set_to_none=True)  # pi has moved far enough from pi_old: stop here
+                stopped = True
+                break
             params = [p for g in optimizer.param_groups for p in g["params"]]
             totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                taken = g.get("himac_steps", 0)  # saved with the optimiser: warm-up survives a resume
+                g["lr"] = base_lr * (min(1.0, (taken + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+                g["himac_steps"] = taken + 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done_steps += 1
-    out = {"loss": totals["loss"] / done_steps, "grad_norm": totals["grad_norm"] / done_steps,
-           "tokens": tokens / cfg.ppo_epochs, "update_s": time.perf_counter() - t0}
-    for k in ("kl", "clipfrac", "ratio_mean"):
+            totals["loss"] += step["loss"]
+            for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
+                totals[k] += step[k]
+            tokens += n_step
+        if stopped:
+            break
+    out = {"loss": totals["loss"] / max(done_steps, 1), "grad_norm": totals["grad_norm"] / max(done_steps, 1),
+           "tokens": float(sum(len(r.completion_ids) for r in rows)), "steps": float(done_steps),
+           "steps_skipped": float(planned - done_steps), "update_s": time.perf_counter() - t0}
+    for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
         out[k] = totals[k] / max(tokens, 1.0)
     return out
 

@@ -167,14 +167,14 @@ def test_coevolution_updates_planner_before_phase_b_rollouts(tmp_path, monkeypat
     trainer, _, events = _run_iteration(tmp_path, monkeypatch)
     assert events == [("plan",), ("rollout", "greedy", "hier"), ("update", B, B),
                       ("rollout", "sampled", "hier"), ("update", A, A)]
-    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {2}
+    assert {int(s["step"]) for s in trainer.optimizers.for_kinds({ACTION}).state.values()} == {2}
 
 
 def test_without_coevolution_one_step_carries_both_masks(tmp_path, monkeypatch):
     trainer, _, events = _run_iteration(tmp_path, monkeypatch, coevolution=False)
     assert events == [("plan",), ("rollout", "greedy", "hier"), ("rollout", "sampled", "hier"),
                       ("update", B | A, B | A)]  # both phases roll out with the starting policy
-    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {1}
+    assert {int(s["step"]) for s in trainer.optimizers.for_kinds({ACTION}).state.values()} == {1}
 
 
 def test_flat_agent_never_plans_and_trains_actions_only(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from himac import groups
 from himac.groups import clipped_surrogate, group_advantages, kl_k3, sample_token_weights
 
 EPS = 1e-6
@@ -139,3 +140,32 @@ def test_two_micro_batches_equal_one_batch():
     (g_split,) = torch.autograd.grad(a + b, logp)
     assert torch.allclose(full, a + b, atol=1e-6)
     assert torch.allclose(g_full, g_split, atol=1e-7)
+
+
+def test_std_floor_keeps_noise_groups_small_by_hand():
+    # an all-fail group spread only by step costs: Eq. 2 makes it unit-size, a floor of 1 keeps it in reward units
+    returns, g = torch.tensor([-0.3, -0.3, -0.4, -1.1]), torch.zeros(4, dtype=torch.long)
+    mean = -0.525
+    plain = groups.group_advantages(returns, g, eps=0.0)
+    assert plain.abs().max() > 1.0
+    floored = groups.group_advantages(returns, g, eps=0.0, std_floor=1.0)
+    assert floored.tolist() == pytest.approx([-0.3 - mean, -0.3 - mean, -0.4 - mean, -1.1 - mean], abs=1e-6)
+    # a group with a real success has std above the floor: unchanged
+    win = torch.tensor([10.0, -0.3, -0.4, -0.3])
+    assert groups.group_advantages(win, g, std_floor=1.0).tolist() == pytest.approx(
+        groups.group_advantages(win, g).tolist())
+
+
+def test_token_weights_per_turn_and_per_token_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # rows 0, 1 = sample 0; row 2 = sample 1
+    samples = torch.tensor([0, 0, 1])
+    by_sample = groups.token_weights(mask, samples, "sample")  # sample 0's 3 tokens share 1/2, sample 1's 3 too
+    assert by_sample[0, 0] == pytest.approx(1 / 6) and by_sample[2, 0] == pytest.approx(1 / 6)
+    by_turn = groups.token_weights(mask, samples, "turn")  # each of 3 rows 1/3, split over its tokens
+    assert by_turn[0].tolist() == pytest.approx([1 / 6, 1 / 6, 0]) and by_turn[1, 0] == pytest.approx(1 / 3)
+    assert by_turn[2].tolist() == pytest.approx([1 / 9] * 3)
+    by_token = groups.token_weights(mask, samples, "token")  # 6 tokens, 1/6 each
+    assert by_token.flatten().tolist() == pytest.approx((mask / 6).flatten().tolist())
+    for w in (by_sample, by_turn, by_token):
+        assert float(w.sum()) == pytest.approx(1.0)
+    assert groups.token_weights(torch.zeros(2, 2), torch.tensor([0, 1]), "token").sum() == 0
