@@ -42,10 +42,16 @@ from himac.evaluation import evaluate_agent
 from himac.experiment import (Config, blueprint_advantages, load_config, sections, trajectory_advantages,
                               without_silent)
 from himac.policy import Policy
-from himac.rundir import RunDir
+from himac.rundir import RunDir, UnsafeCheckpoint, crash_point, read_trainer_state
 from himac.update import ACTION, BLUEPRINT, Optimizers, policy_update
 
 CHOICE_SALT = 31_337  # the random-blueprint ablation's own random stream
+NONFINITE_PATIENCE = 3  # iterations in a row with NaN/inf steps before the run stops
+ENV_ERROR_PATIENCE = 3  # iterations in a row with mostly env-error episodes before the run stops
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (it stops cleanly; the last good checkpoint stays)."""
 
 
 class Trainer:
@@ -91,13 +97,16 @@ class Trainer:
         greedy = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                    [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=True,
                                    timings=timings)  # lines 5-7, no grad
-        returns = torch.tensor([greedy[unique[(z.task, tuple(z.subgoals))]].ret if z.valid
-                                else cfg.planner.blueprint_fail_penalty for z in flat_bp])  # (B*G,)
-        success = [z.valid and greedy[unique[(z.task, tuple(z.subgoals))]].success for z in flat_bp]
+        rollout = [greedy[unique[(z.task, tuple(z.subgoals))]] if z.valid else None for z in flat_bp]
+        returns = torch.tensor([r.ret if r else cfg.planner.blueprint_fail_penalty for r in rollout])  # (B*G,)
+        success = [bool(r and r.success) for r in rollout]
+        crashed = [bool(r and r.end == "env_error") for r in rollout]  # scored by a broken env: no signal
         macro_groups = torch.arange(B).repeat_interleave(G)  # (B*G,)
-        adv_a, silent_a = without_silent([[a] for a in blueprint_advantages(returns, macro_groups, cfg.update).tolist()],
-                                         macro_groups.tolist())  # line 8
-        keep = self._kept([z.task for z in flat_bp], silent_a)
+        ok = [i for i in range(B * G) if not crashed[i]]
+        adv_a, silent_a = self._advantages(  # line 8
+            [[a] for a in blueprint_advantages(returns[ok], macro_groups[ok], cfg.update).tolist()],
+            [int(macro_groups[i]) for i in ok], ok, [1] * (B * G))
+        keep = [i for i in ok if not (cfg.update.drop_zero_variance and int(macro_groups[i]) in silent_a)]
         rows_a = planner.training_rows([flat_bp[i] for i in keep], [adv_a[i][0] for i in keep])
         m_macro: dict = {}
         if cfg.run.coevolution:
@@ -108,17 +117,13 @@ class Trainer:
 
         # Phase B: micro adaptation -------------------------------------------------------
         phase("B: rollouts")
-        z_star = choose_blueprints(blueprints, returns, cfg.run.blueprint_choice,
-                                   key=[cfg.run.seed, CHOICE_SALT, t])  # line 11, Eq. 4
+        z_star = choose_blueprints(blueprints, returns, cfg.run.blueprint_choice, key=[cfg.run.seed, CHOICE_SALT, t],
+                                   usable=[not c for c in crashed])  # line 11, Eq. 4
         episodes_b = [(b, z_star[b].subgoals) for b in sorted(z_star) for _ in range(M)]
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes_b], episodes_b, cfg.executor, greedy=False,
                                     timings=timings)  # line 12
-        adv_b, silent_b = without_silent(trajectory_advantages(sampled, cfg.update),
-                                         [tr.task for tr in sampled])  # line 13, per step
-        keep = self._kept([tr.task for tr in sampled], silent_b)
-        rows_b = executor.training_rows([sampled[i] for i in keep], [adv_b[i] for i in keep],
-                                        sample_offset=len(rows_a))
+        rows_b, adv_b, silent_b = self._trajectory_rows(sampled, sample_offset=len(rows_a))  # line 13, per step
         m_micro: dict = {}
         phase("B: update")
         if cfg.run.coevolution:
@@ -133,7 +138,7 @@ class Trainer:
              **metrics.trajectories("micro", sampled, _flat(adv_b), hierarchy=True),
              "micro/zero_var_groups": len(silent_b) / max(len(z_star), 1),
              **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
-             **metrics.env(greedy + sampled, metrics.ENDS),
+             **metrics.env(greedy + sampled, metrics.ENDS), **metrics.env_report(self.spec, sampled),
              **metrics.update("macro", m_macro), **metrics.update("micro", m_micro),
              **metrics.timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
                               timings.get("generated_tokens", 0.0) + sum(len(z.completion_ids) for z in flat_bp),
@@ -158,25 +163,42 @@ class Trainer:
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=False,
                                     timings=timings, flat=True)
-        adv, silent = without_silent(trajectory_advantages(sampled, cfg.update), [tr.task for tr in sampled])
-        keep = self._kept([tr.task for tr in sampled], silent)
+        rows, adv, silent = self._trajectory_rows(sampled)
         phase("flat: update")
-        m_update = self._update(executor.training_rows([sampled[i] for i in keep], [adv[i] for i in keep]), {ACTION})
+        m_update = self._update(rows, {ACTION})
         m = {"iteration": t, "success_rate": metrics.mean(tr.success for tr in sampled),
              "macro/return_mean": metrics.mean(tr.ret for tr in sampled),  # the progress bar's and plot's "return"
              **metrics.trajectories("micro", sampled, _flat(adv), hierarchy=False),
              "micro/zero_var_groups": len(silent) / B,
              **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
-             **metrics.env(sampled, metrics.FLAT_ENDS),
+             **metrics.env(sampled, metrics.FLAT_ENDS), **metrics.env_report(self.spec, sampled),
              **metrics.update("micro", m_update),
              **metrics.timing(timings, timings.get("generate_s", 0.0), timings.get("generated_tokens", 0.0),
                               m_update.get("update_s", 0.0))}
         samples = [{"iteration": t, "task": b, "flat": _answers(sampled, b)} for b in range(min(cfg.run.sample_log, B))]
         return m, samples
 
-    def _kept(self, group: list[int], silent: set[int]) -> list[int]:
-        """Indices of the samples that enter the update: all, or (drop_zero_variance) those of live groups."""
-        return [i for i, g in enumerate(group) if not (self.cfg.update.drop_zero_variance and g in silent)]
+    def _advantages(self, per_step: list[list[float]], group: list[int], ok: list[int], steps: list[int]
+                    ) -> tuple[list[list[float]], set[int]]:
+        """Advantages of the samples `ok` (the others crashed: 0, never trained) spread back over all samples,
+        silent groups' set to exactly 0; and the silent groups."""
+        clean, silent = without_silent(per_step, group)
+        out = [[0.0] * n for n in steps]
+        for j, i in enumerate(ok):
+            out[i] = clean[j]
+        return out, silent
+
+    def _trajectory_rows(self, trajs: list, sample_offset: int = 0) -> tuple[list, list[list[float]], set[int]]:
+        """Eq. 2 (or the configured estimator) within each task's trajectories, and their training rows.
+
+        Episodes whose env crashed leave their groups (their partial return says nothing about the
+        policy); with drop_zero_variance, so do groups with nothing to compare.
+        """
+        ok = [i for i, tr in enumerate(trajs) if tr.end != "env_error"]
+        adv, silent = self._advantages(trajectory_advantages([trajs[i] for i in ok], self.cfg.update),
+                                       [trajs[i].task for i in ok], ok, [len(tr.steps) for tr in trajs])
+        keep = [i for i in ok if not (self.cfg.update.drop_zero_variance and trajs[i].task in silent)]
+        return executor.training_rows([trajs[i] for i in keep], [adv[i] for i in keep], sample_offset), adv, silent
 
     def _update(self, rows, kinds: set[int]) -> dict:
         return policy_update(self.policy, self.optimizers.for_kinds(kinds), rows, self.cfg.update, kinds)
@@ -200,13 +222,14 @@ class Trainer:
         cfg, run = self.cfg, self.run
         history = []
         evaluating = cfg.run.eval_episodes > 0
-        if evaluating and self.start == 0:
+        if evaluating and self.start == 0 and cfg.run.eval_at_start:
             run.log(self.evaluate(-1), "eval.jsonl")
         bar = tqdm(range(self.start, cfg.run.iterations), desc="co-evolution", unit="it",
                    initial=self.start, total=cfg.run.iterations, dynamic_ncols=True)
         t_start = time.perf_counter()
         done_before = run.metrics() if self.start else []
-        train_s = float(done_before[-1].get("train_s", 0.0)) if done_before else 0.0  # resumed: keep counting
+        train_s = float(done_before[-1].get("train_s") or 0.0) if done_before else 0.0  # resumed: keep counting
+        nonfinite = broken = 0
         for t in bar:
             tic = time.perf_counter()
             with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False, dynamic_ncols=True,
@@ -218,15 +241,36 @@ class Trainer:
             m["train_s"] = train_s  # training wall-clock so far, evaluation excluded
             out_of_time = bool(cfg.run.time_budget_s) and train_s >= cfg.run.time_budget_s
             last = t == cfg.run.iterations - 1 or out_of_time
-            if evaluating and (last or (cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0)):
+            every_s = cfg.run.eval_every_minutes * 60
+            timed = bool(every_s) and int(train_s // every_s) > int((train_s - m["wall_s"]) // every_s)
+            if evaluating and (last or timed or (cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0)):
                 ev = self.evaluate(t)
                 run.log(ev, "eval.jsonl")
                 m.update({k: v for k, v in ev.items() if k != "iteration"})
             run.log(m)
             for s in samples:
                 run.log(s, "samples.jsonl")
+            if m.get("env/end_env_error", 0) > 0.5:
+                broken += 1
+                bar.write(f"himac: warning: {m['env/end_env_error']:.0%} of iteration {t}'s episodes ended with an env "
+                          "error (see samples.jsonl); they are left out of training")
+                if broken >= ENV_ERROR_PATIENCE:
+                    raise TrainingError(f"most episodes ended with env errors in {broken} iterations in a row: the "
+                                        f"environment is broken; last checkpoint: {run.checkpoint}")
+            else:
+                broken = 0
+            bad = m.get("macro/nonfinite_steps", 0) + m.get("micro/nonfinite_steps", 0)
+            nonfinite = nonfinite + 1 if bad else 0
+            if nonfinite >= NONFINITE_PATIENCE:
+                raise TrainingError(f"{nonfinite} iterations in a row had NaN/inf losses or gradients (their steps "
+                                    f"were skipped, so the weights are intact); last good checkpoint: {run.checkpoint}."
+                                    " Lower lr, or raise max_grad_norm only with care")
             if last or (t + 1) % cfg.run.save_every == 0:
-                run.save_checkpoint(self.policy.model, self.optimizers, t)
+                crash_point("before_save")
+                if not all(torch.isfinite(p).all() for p in self.policy.model.parameters() if p.requires_grad):
+                    raise TrainingError(f"iteration {t} left non-finite adapter weights; not checkpointed, the last "
+                                        f"good checkpoint ({run.checkpoint}) is kept")
+                run.save_checkpoint(self.policy.model, self.optimizers, t, config=cfg.flat())
                 run.plot()
             bar.set_postfix(success=f"{m['success_rate']:.2f}", ret=f"{m['macro/return_mean']:.2f}",
                             wall=f"{m['wall_s']:.0f}s")
@@ -251,17 +295,19 @@ class _Phases:
         self.n += 1
 
 
-def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str, key: list[int]) -> dict:
+def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str, key: list[int],
+                      usable: list[bool] | None = None) -> dict:
     """The blueprint each task's Phase B runs under: {task index: Blueprint}.
 
     'best': z* = argmax_i R(z_i) over the task's valid blueprints, the first on ties
     (Eq. 4). 'random': a uniform pick among the valid ones from a stream seeded by
-    `key` + the task index (the ablation). Tasks with no valid blueprint are absent.
+    `key` + the task index (the ablation). `usable[b * G + i]` False (a rollout the env
+    crashed) rules a blueprint out. Tasks with no valid, usable blueprint are absent.
     """
     out = {}
     for b, group in enumerate(blueprints):
         G = len(group)
-        valid = [i for i in range(G) if group[i].valid]
+        valid = [i for i in range(G) if group[i].valid and (usable is None or usable[b * G + i])]
         if not valid:
             continue
         if choice == "best":
@@ -270,6 +316,51 @@ def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str
             i = valid[int(np.random.default_rng([*key, b]).integers(len(valid)))]
         out[b] = group[i]
     return out
+
+
+# Keys that fix the shape of the adapter or of the optimiser state: a checkpoint cannot change them.
+FIXED_ON_RESUME = ("env", "model", "dtype", "load_in_4bit", "quant_skip_modules", "lora_r", "lora_alpha",
+                   "lora_dropout", "lora_target", "tiny_hidden", "tiny_seed", "optimizer_per_role")
+
+
+def resumed_config(run: RunDir, saved: dict) -> dict:
+    """The config a resumed run starts from: the checkpoint's own copy (config.yaml is a readable copy; a
+    truncated or edited one is reported, not trusted)."""
+    import json
+    import warnings
+    if "config" not in saved:
+        return run.read_config()
+    ckpt = json.loads(saved["config"])
+    try:
+        on_disk = run.read_config() or {}
+    except Exception:  # noqa: BLE001 - an unreadable copy is reported below like a differing one
+        on_disk = {}
+    differ = sorted(k for k in set(ckpt) | set(on_disk) if ckpt.get(k) != on_disk.get(k))
+    if differ:
+        warnings.warn(f"{run.config_file} differs from the checkpoint's config in {differ[:8]}; using the "
+                      "checkpoint's (change keys with --set)", stacklevel=2)
+    return ckpt
+
+
+def check_adapter(run: RunDir) -> None:
+    """The checkpoint's adapter must read back whole (a truncated file fails here, with its path)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(run.adapter_weights), "pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds; all mean the same here
+        raise UnsafeCheckpoint(f"{run.adapter_weights} is unreadable (truncated?): {e}") from None
+
+
+def check_resume(saved: dict, cfg: Config) -> None:
+    import json
+    if "config" not in saved:
+        return
+    ckpt, now = json.loads(saved["config"]), cfg.flat()
+    for key in FIXED_ON_RESUME:
+        C.check(ckpt.get(key) == now.get(key), key, now.get(key),
+                f"cannot change on resume: the checkpoint was trained with {key} = {ckpt.get(key)!r}")
 
 
 def _flat(per_step: list[list[float]]) -> torch.Tensor:
@@ -301,29 +392,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = C.parse_overrides(args.overrides)
         if args.resume:
-            run = RunDir(args.resume)
+            run = RunDir(args.resume, create=False)  # a typo must not create a folder
             if not run.has_checkpoint():
                 raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (expected checkpoint/trainer.pt)")
-            cfg = load_config(args.config, overrides, base=run.read_config())
+            saved = read_trainer_state(run.checkpoint / "trainer.pt")  # refuses an unsafe or broken file first
+            check_adapter(run)
+            cfg = load_config(args.config, overrides, base=resumed_config(run, saved))
+            check_resume(saved, cfg)
         else:
             if not args.config:
                 ap.error("a config file is required (or --resume DIR)")
             cfg = load_config(args.config, overrides)
-            out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run = RunDir(out)
+            out = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if out.exists() and not out.is_dir():
+                raise C.ConfigError(f"--out {out} is a file, not a directory")
+            run = RunDir(out, create=False)
             if run.has_checkpoint():
                 raise C.ConfigError(f"--out {out} already holds a checkpoint; use --resume {out} or another --out")
-    except C.ConfigError as e:
+            if run.has_logs():
+                raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
+                                    "but no checkpoint; a new run would mix its rows with them: use another --out")
+        models.resolve_device(cfg.model.device)  # 'cuda' on a machine without one fails here, named
+    except (C.ConfigError, UnsafeCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run.write_config(cfg.flat())
+    if not args.resume:
+        run = RunDir(run.path)
     trainer = Trainer(cfg, run, resume=bool(args.resume))
+    run.write_config(cfg.flat())  # only now: a config that failed to load a trainer is never written
     if args.resume:
         run.drop_metrics_after(trainer.start - 1)
     run.write_run_info(cfg.run.seed, str(trainer.policy.device))
     print(f"himac: run directory {run.path}  (iterations {trainer.start}..{cfg.run.iterations - 1})", file=sys.stderr)
     try:
         history = trainer.train()
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if history:

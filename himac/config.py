@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -61,9 +62,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:
         if isinstance(value, str) and _SCI.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-4" as a string; a user means a number
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string; a user means a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -104,7 +107,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of key: value")
     nested = [k for k, v in data.items() if isinstance(v, dict)]
@@ -120,7 +130,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML") from None
         out[key.strip()] = value
     return out
 

@@ -44,7 +44,7 @@ def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], p
             "success": bool(t and t.success), "return": t.ret if t else pcfg.blueprint_fail_penalty,
             "env_steps": t.env_steps if t else 0, "end": t.end if t else "invalid_blueprint",
             "actions": [s.text.strip() for s in t.steps] if t else [], "moves": [s.move for s in t.steps] if t else [],
-            **infos[i]})
+            **infos[i], **(t.episode if t else {})})
     return {**summarise(episodes, spec), "episodes": episodes}
 
 
@@ -109,7 +109,8 @@ def run_evaluation(policy: AgentPolicy, cfg, episodes: int, seed_offset: int = 0
         try:
             for start in range(0, len(seeds), chunk):
                 part = seeds[start:start + chunk]
-                records += evaluate_agent(meter, spec, pool, part, cfg.planner, cfg.executor)["episodes"]
+                records += evaluate_agent(meter, spec, pool, part, cfg.planner, cfg.executor,
+                                          flat=not cfg.run.hierarchy)["episodes"]
                 bar.update(len(part))
         finally:
             pool.close()

@@ -14,7 +14,10 @@ ends when:
   ("plan_exhausted"): penalised with `plan_exhausted_penalty` (by default
   `halt_penalty`), since ending early must not beat playing on and failing;
 - T_limit (`subgoal_step_limit`) env steps pass in one segment without
-  `<sub_done>`: halted with `halt_penalty` ("subgoal_step_limit");
+  `<sub_done>`: halted with `halt_penalty` ("subgoal_step_limit"), as the paper does.
+  With `subgoal_overrun: advance` (a departure) the segment ends instead and the
+  next sub-goal starts; only an overrun of the last sub-goal halts. A small executor
+  that has not learnt `<sub_done>` then still reaches its later sub-goals;
 - a failure keyword appears in the answer or the observation: halted with
   `halt_penalty` ("failure_keyword");
 - the env raised ("env_error").
@@ -70,6 +73,9 @@ class ExecutorConfig:
     """Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit. 0: none."""
     sub_done: bool = True
     """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
+    subgoal_overrun: str = "halt"
+    """A segment that reaches T_limit without <sub_done>: 'halt' the episode with halt_penalty (the paper), or
+    'advance' to the next sub-goal (halting only when the last one runs over)."""
 
     def __post_init__(self):
         from himac.config import check
@@ -80,6 +86,8 @@ class ExecutorConfig:
               "must be > 0 (Phase B samples; Phase A is greedy by design)")
         check(self.history_window >= 0, "history_window", self.history_window, "must be >= 0")
         check(self.max_prompt_tokens >= 0, "max_prompt_tokens", self.max_prompt_tokens, "must be >= 0")
+        check(self.subgoal_overrun in ("halt", "advance"), "subgoal_overrun", self.subgoal_overrun,
+              "must be 'halt' or 'advance'")
 
 
 @dataclass
@@ -115,6 +123,7 @@ class Trajectory:
     env_steps: int = 0
     invalid: int = 0
     error: str = ""
+    episode: dict = field(default_factory=dict)  # env facts about the episode (a step's info["episode"])
 
 
 def build_messages(prompts: Prompts, task: str, subgoals: list[str], k: int,
@@ -240,6 +249,7 @@ def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: 
     elif info.get("invalid"):  # well-formed but refused by the env (ALFWorld: not admissible now); the env priced it
         t.invalid += 1
     step.reward = reward
+    t.episode.update(info.get("episode") or {})  # e.g. WebShop's score of the bought item
     t.ret += reward
     t.env_steps += 1
     x.segment_steps += 1
@@ -258,9 +268,10 @@ def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: 
     elif flat:  # no segments: only the env's budget ends a flat episode
         pass
     elif x.segment_steps >= cfg.subgoal_step_limit:
-        if cfg.sub_done:
+        last_segment = x.k + 1 >= len(t.subgoals)
+        if cfg.sub_done and (cfg.subgoal_overrun == "halt" or last_segment):
             t.end, t.ret, step.reward = "subgoal_step_limit", t.ret + cfg.halt_penalty, step.reward + cfg.halt_penalty
-        else:  # fixed budget: move on regardless of the segment's state
+        else:  # fixed budget, or an overrun that moves on: the next sub-goal, whatever the segment's state
             x.k, x.segment_steps, x.history = x.k + 1, 0, []
             if x.k >= len(t.subgoals):
                 t.end = "plan_exhausted"

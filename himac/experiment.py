@@ -43,6 +43,12 @@ class RunConfig:
     """Held-out episodes evaluated greedily before training, every eval_every, and at the end (0: off)."""
     eval_every: int = 0
     """Evaluate every this many iterations (0: only before and after)."""
+    eval_every_minutes: float = 0.0
+    """Also evaluate after the iteration that brings training time (evaluation excluded) past each multiple of
+    this (0: off): variants that iterate at different speeds are then compared at equal wall-clock."""
+    eval_at_start: bool = True
+    """Evaluate before the first iteration (a benchmark evaluating many seeds of one untrained agent
+    does it once)."""
     eval_offset: int = 0
     """First seed of the held-out stream (envs.seeds.eval_seeds); envs.seeds.VALIDATION_OFFSET picks the
     validation range, kept apart from the rooms results are reported on."""
@@ -62,12 +68,14 @@ class RunConfig:
 
     def __post_init__(self):
         C.check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
+        C.check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         C.check(self.tasks_per_iteration >= 1, "tasks_per_iteration", self.tasks_per_iteration, "must be >= 1")
         C.check(self.gen_batch_size >= 1, "gen_batch_size", self.gen_batch_size, "must be >= 1")
         C.check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
         C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
         C.check(self.eval_offset >= 0, "eval_offset", self.eval_offset, "must be >= 0")
+        C.check(self.eval_every_minutes >= 0, "eval_every_minutes", self.eval_every_minutes, "must be >= 0")
         C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
         C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
         C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
@@ -108,7 +116,18 @@ def load_config(path: str | Path | None, overrides: dict | None = None, base: di
         flat.update(C.load_yaml(path))
     flat.update(overrides or {})
     env_name = flat.get("env", RunConfig.env)
-    return Config(**C.route(flat, sections(env_name), str(path or "the run's config.yaml")))
+    cfg = Config(**C.route(flat, sections(env_name), str(path or "the run's config.yaml")))
+    check_groups(cfg)
+    return cfg
+
+
+def check_groups(cfg: Config) -> None:
+    """A group of one has nothing to compare with: Eq. 2 gives it advantage 0 for ever."""
+    C.check(cfg.executor.rollouts_per_blueprint >= 2, "rollouts_per_blueprint", cfg.executor.rollouts_per_blueprint,
+            "must be >= 2: a group of one trajectory always has advantage 0, so the executor never learns")
+    if cfg.run.hierarchy:
+        C.check(cfg.planner.group_size >= 2, "group_size", cfg.planner.group_size,
+                "must be >= 2: a group of one blueprint always has advantage 0, so the planner never learns")
 
 
 # -- variants: the §4.3 ablations and the flat baselines, one switch each -------------------

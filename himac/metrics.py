@@ -59,6 +59,14 @@ def actions(prefix: str, moves: list[str], names: tuple[str, ...] = ()) -> dict:
     return {f"{prefix}/{k}" if prefix else k: v for k, v in m.items()}
 
 
+def env_report(spec, trajs: list[Trajectory]) -> dict:
+    """The env's own summary (EnvSpec.report) of training episodes, under env/."""
+    if spec.report is None or not trajs:
+        return {}
+    records = [{"success": tr.success, "env_steps": tr.env_steps, "return": tr.ret, **tr.episode} for tr in trajs]
+    return {f"env/{k}": v for k, v in spec.report(records).items()}
+
+
 def env(trajs: list[Trajectory], ends: tuple[str, ...]) -> dict:
     """Env steps, the invalid-answer rate and the share of episodes ending each way."""
     steps = sum(tr.env_steps for tr in trajs)

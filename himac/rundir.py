@@ -20,12 +20,15 @@ again).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -87,15 +90,36 @@ class RunDir:
         _atomic_text(self.path / "run.json", json.dumps({**info, "starts": runs + [info["started"]]}, indent=2))
 
     # -- logs -------------------------------------------------------------------------
+    LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
+
     def log(self, metrics: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        """Append one row; a NaN or infinite number is written as null (bare NaN is not JSON)."""
         with open(self.path / name, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(_finite(metrics), allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        crash_point(f"after_log:{name}")
 
     def metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        """The rows of a log. A torn line (a crash mid-write) is dropped with a warning."""
         path = self.path / name
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        rows = []
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                where = "its last line" if i == len(lines) - 1 else f"line {i + 1}"
+                warnings.warn(f"{path}: {where} is torn (a crash while writing it?); dropped", stacklevel=2)
+        return rows
+
+    def has_logs(self) -> list[str]:
+        """The log files of some run that are here (a fresh run must not append to them)."""
+        return [n for n in self.LOGS if (self.path / n).is_file() and (self.path / n).stat().st_size]
 
     def plot(self) -> Path | None:
         """Redraw progress.png from the logs (no-op before the first iteration)."""
@@ -104,12 +128,11 @@ class RunDir:
         return plot_progress(metrics, self.metrics("eval.jsonl"), self.path / "progress.png") if metrics else None
 
     def drop_metrics_after(self, iteration: int) -> None:
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
-            path = self.path / name
-            if path.is_file():
-                keep = [ln for ln in path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("iteration", -1) <= iteration]
-                _atomic_text(path, "".join(ln + "\n" for ln in keep))
+        """Cut every log back to the rows of iterations <= `iteration` (a resumed run rewrites the rest)."""
+        for name in self.LOGS:
+            if (self.path / name).is_file():
+                keep = [r for r in self.metrics(name) if r.get("iteration", -1) <= iteration]
+                _atomic_text(self.path / name, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
 
     # -- checkpoints ------------------------------------------------------------------
     # A checkpoint is written whole into checkpoint.tmp (COMPLETE is its last file), then
@@ -120,23 +143,26 @@ class RunDir:
         self._recover()
         return (self.checkpoint / "trainer.pt").is_file()
 
-    def save_checkpoint(self, model, optimizers, iteration: int) -> None:
-        """Adapter (peft safetensors) + trainer state (optimisers, RNG, iteration) as one atomic unit.
+    def save_checkpoint(self, model, optimizers, iteration: int, config: dict | None = None) -> None:
+        """Adapter (peft safetensors) + trainer state (optimisers, RNG, iteration, config) as one atomic unit.
 
-        `optimizers` is anything with a state_dict() (an Optimizer, update.Optimizers).
+        `optimizers` is anything with a state_dict() (an Optimizer, update.Optimizers); `config` the
+        resolved flat config, kept with the weights it describes (resume checks against it).
         """
         tmp, old = self.path / "checkpoint.tmp", self.path / "checkpoint.old"
         self._recover()
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp / self.adapter_dir.name)  # peft: adapter_config.json + adapter_model.safetensors
         state = {"format": TRAINER_STATE_FORMAT, "iteration": iteration, "optimizers": optimizers.state_dict(),
-                 "rng": rng_state()}
+                 "rng": rng_state(), **({"config": json.dumps(_finite(config))} if config is not None else {})}
+        crash_point("checkpoint_tmp")
         torch.save(state, tmp / "trainer.pt")
         _sync_dir(tmp)
         (tmp / "COMPLETE").write_text(str(iteration))
         shutil.rmtree(old, ignore_errors=True)
         if self.checkpoint.exists():
             os.replace(self.checkpoint, old)
+        crash_point("checkpoint_swap")
         os.replace(tmp, self.checkpoint)  # the swap: before it, old/ is complete; after it, checkpoint/ is
         shutil.rmtree(old, ignore_errors=True)
 
@@ -163,6 +189,26 @@ class RunDir:
         elif old.exists():
             os.replace(old, self.checkpoint)
         shutil.rmtree(old, ignore_errors=True)
+
+
+CRASH_POINTS = ("checkpoint_tmp", "checkpoint_swap", "after_log:metrics.jsonl", "after_log:eval.jsonl",
+                "after_log:samples.jsonl", "before_save")
+_passed: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for tools/chaos.py: with $HIMAC_CRASH_AT = "NAME" or "NAME:K" the process kills itself
+    (SIGKILL, no clean-up, as the OOM killer or a power cut would) the K-th time (default 1st) it passes
+    the point NAME. Unset, this is one dictionary lookup."""
+    spec = os.environ.get("HIMAC_CRASH_AT")
+    if not spec:
+        return
+    target, _, k = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "1")
+    if target != name:
+        return
+    _passed[name] = _passed.get(name, 0) + 1
+    if _passed[name] == int(k):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 TRAINER_STATE_FORMAT = 2  # 2: weights_only-loadable (numpy RNG as tensors); 1 (no "format" key): pickled
@@ -242,6 +288,16 @@ def _sync_dir(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -25,9 +25,12 @@ what docs/results.md measured):
 - a linear learning-rate warm-up per optimiser (`warmup_steps`): Adam's first steps
   are sign steps of size lr on every LoRA weight;
 - an early stop of a phase's steps once KL(pi_old || pi) passes `target_kl`.
+A step whose loss or gradient norm is not finite is not taken (`nonfinite_steps`);
+the trainer stops a run that keeps producing them and never checkpoints bad weights.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +115,9 @@ class UpdateConfig:
     def __post_init__(self):
         from himac.config import check
         check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm,
+              "must be > 0 (a negative norm would flip the gradient, 0 would freeze it)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.planner_lr is None or self.planner_lr > 0, "planner_lr", self.planner_lr, "must be > 0 or null")
         check(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must be in (0, 1)")
         check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
@@ -228,7 +234,7 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
                     old[id(r)] = row_lp.cpu()
     base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
     totals = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
-    tokens, done_steps, stopped = 0.0, 0, False
+    tokens, done_steps, stopped, nonfinite = 0.0, 0, False, 0
     for _ in range(cfg.ppo_epochs):
         for part in _split_samples(rows, cfg.mini_batches):
             part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
@@ -254,7 +260,12 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
                 stopped = True
                 break
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not (math.isfinite(norm) and math.isfinite(step["loss"])):
+                optimizer.zero_grad(set_to_none=True)  # a NaN/inf loss or gradient: this step is not taken
+                nonfinite += 1
+                continue
+            totals["grad_norm"] += norm
             for g in optimizer.param_groups:
                 taken = g.get("himac_steps", 0)  # saved with the optimiser: warm-up survives a resume
                 g["lr"] = base_lr * (min(1.0, (taken + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
@@ -270,7 +281,8 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
             break
     out = {"loss": totals["loss"] / max(done_steps, 1), "grad_norm": totals["grad_norm"] / max(done_steps, 1),
            "tokens": float(sum(len(r.completion_ids) for r in rows)), "steps": float(done_steps),
-           "steps_skipped": float(planned - done_steps), "update_s": time.perf_counter() - t0}
+           "steps_skipped": float(planned - done_steps), "nonfinite_steps": float(nonfinite),
+           "update_s": time.perf_counter() - t0}
     for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
         out[k] = totals[k] / max(tokens, 1.0)
     return out

@@ -8,7 +8,7 @@ import torch
 
 from envs.base import SerialPool
 from helpers import SCRIPTED_SPEC, ScriptedEnvConfig, ScriptedPolicy
-from himac import coevolve, estimators, executor, planner
+from himac import coevolve, estimators, executor, groups, planner
 from himac.coevolve import Trainer, choose_blueprints
 from himac.experiment import load_config, trajectory_advantages
 from himac.executor import ExecutorConfig, Step, Trajectory
@@ -202,3 +202,61 @@ def test_progress_plot_draws_a_flat_run(tmp_path, monkeypatch):
     trainer, metrics, _ = _run_iteration(tmp_path, monkeypatch, hierarchy=False)
     trainer.run.log(metrics)
     assert trainer.run.plot().stat().st_size > 10_000
+
+
+INVALID_AT = [[1], [0, 1], []]  # which of each task's 3 blueprints are made unparseable: returns differ by task
+
+
+def _rows_of_one_iteration(tmp_path, monkeypatch, **overrides):
+    """One real iteration; returns (metrics, samples, [(kinds, rows)] of each update).
+
+    The random tiny model writes a parseable plan nearly always, so a wrapper around the real
+    planner turns the blueprints INVALID_AT into unparseable text, as a real model's sometimes are.
+    """
+    cfg = load_config(None, {**FAST, "tasks_per_iteration": 3, "group_size": 3, "sample_log": 3,
+                             "blueprint_max_tokens": 6, **overrides})
+    trainer = Trainer(cfg, RunDir(tmp_path / "run"))
+    updates = []
+    real, real_generate = coevolve.policy_update, planner.generate
+
+    def generate(*a, **k):
+        groups_ = real_generate(*a, **k)
+        for b, group in enumerate(groups_):
+            for i in INVALID_AT[b]:
+                group[i].text, (group[i].subgoals, group[i].valid) = "???", planner.parse_output("???", 4)
+        return groups_
+    monkeypatch.setattr(planner, "generate", generate)
+
+    def spy(policy, opt, rows, c, kinds):
+        updates.append((frozenset(kinds), list(rows)))
+        return real(policy, opt, rows, c, kinds)
+    monkeypatch.setattr(coevolve, "policy_update", spy)
+    m, samples = trainer.iteration(0)
+    return m, samples, updates
+
+
+def test_each_tasks_blueprints_are_their_own_eq2_group(tmp_path, monkeypatch):
+    _, samples, updates = _rows_of_one_iteration(tmp_path, monkeypatch, blueprint_fail_penalty=-3.5)
+    (kinds, rows), _ = updates
+    assert kinds == B
+    by_task = [[bp["return"] for bp in s["blueprints"]] for s in samples]  # (B, G) as logged
+    want = [a for rets in by_task for a in groups.group_advantages(torch.tensor(rets), torch.zeros(3, dtype=torch.long))]
+    assert [r.advantage for r in rows] == pytest.approx([float(a) for a in want], abs=1e-5)
+    assert len({tuple(sorted(r)) for r in by_task}) == 3  # tasks differ, so mixing groups would change the numbers
+
+
+def test_an_unparseable_blueprint_scores_the_fail_penalty(tmp_path, monkeypatch):
+    _, samples, _ = _rows_of_one_iteration(tmp_path, monkeypatch, blueprint_fail_penalty=-3.5)
+    bps = [bp for s in samples for bp in s["blueprints"]]
+    assert any(not bp["valid"] for bp in bps)  # a random tiny model writes some of each
+    assert all(bp["return"] == -3.5 for bp in bps if not bp["valid"])
+    assert all(bp["return"] != -3.5 for bp in bps if bp["valid"])
+
+
+def test_without_coevolution_blueprint_and_action_rows_never_share_a_sample_id(tmp_path, monkeypatch):
+    _, _, updates = _rows_of_one_iteration(tmp_path, monkeypatch, coevolution=False)
+    ((kinds, rows),) = updates
+    assert kinds == B | A
+    blueprint_ids = {r.sample for r in rows if r.kind == BLUEPRINT}
+    action_ids = {r.sample for r in rows if r.kind == ACTION}
+    assert blueprint_ids and action_ids and not blueprint_ids & action_ids

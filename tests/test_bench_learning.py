@@ -9,26 +9,37 @@ TINY = ["model=tiny", "tasks_per_iteration=2", "group_size=2", "rollouts_per_blu
         "action_max_tokens=3", "max_steps=3", "max_solution_moves=3", "micro_batch_size=8", "lora_r=4", "lora_alpha=8"]
 
 
-def test_bench_learning_writes_curves_plot_and_table(tmp_path):
+def test_bench_learning_seeds_variants_and_shared_start(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "tools/bench_learning.py", "--variants", "himac,flat_gigpo", "--iterations", "2",
-           "--eval-every", "1", "--eval-episodes", "2", "--out", str(out)]
+    cmd = [sys.executable, "tools/bench_learning.py", "--variants", "himac,flat_gigpo", "--seeds", "0,1",
+           "--iterations", "2", "--eval-every", "1", "--eval-episodes", "2", "--jobs", "2", "--out", str(out)]
     for kv in TINY:
         cmd += ["--set", kv]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curves = json.loads((out / "curves.json").read_text())["curves"]
     assert set(curves) == {"himac", "flat_gigpo"}
-    for c in curves.values():
-        assert c["iteration"] == [0, 1, 2]  # before training, then after each iteration
-        assert c["train_s"][0] == 0 and c["train_s"][2] > c["train_s"][1] > 0
-        assert c["env_steps"][2] > c["env_steps"][1] > 0 and c["gen_tokens"][2] > 0
-        assert all(0.0 <= s <= 1.0 for s in c["success"])
+    for name, seeds in curves.items():
+        assert set(seeds) == {"0", "1"}
+        starts = {c["success"][0] for c in seeds.values()}
+        assert len(starts) == 1  # one shared evaluation of the untrained agent
+        for c in seeds.values():
+            assert c["iteration"] == [0, 1, 2]  # before training, then after each iteration
+            assert c["train_s"][0] == 0 and c["train_s"][2] > c["train_s"][1] > 0
+            assert c["env_steps"][2] > c["env_steps"][1] > 0 and c["gen_tokens"][2] > 0
+            assert all(0.0 <= s <= 1.0 for s in c["success"])
+        # the runs themselves never evaluated before training: the shared start did, once
+        for s in ("0", "1"):
+            evals = [json.loads(x) for x in (out / name / f"seed{s}" / "eval.jsonl").read_text().splitlines()]
+            assert [e["iteration"] for e in evals] == [0, 1]
+    assert (out / "_start-default" / "eval.jsonl").is_file() and (out / "_start-hierarchy=False").is_dir()
     assert (out / "learning.png").stat().st_size > 10_000
-    assert (out / "himac" / "metrics.jsonl").is_file() and (out / "flat_gigpo" / "eval.jsonl").is_file()
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:3] == ["variant", "success@0", "final"]
-    assert any(line.startswith("himac ") for line in lines) and any(line.startswith("flat_gigpo") for line in lines)
+    assert lines[0].split()[:4] == ["variant", "seeds", "success@0", "final"]
+    assert any(line.split()[:2] == ["himac", "2"] for line in lines)
+    # a second call keeps every finished run and only redraws
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("done earlier, kept") == 6
 
 
 def test_bench_learning_rejects_an_unknown_variant():

@@ -66,10 +66,85 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     (["--set", "gruop_size=4"], "gruop_size"),
     (["--set", "lr=fast"], "'lr'"),
     (["--set", "env=chess"], "chess"),
+    (["--set", "max_grad_norm=-1"], "max_grad_norm"),
+    (["--set", "max_grad_norm=0"], "max_grad_norm"),
+    (["--set", "lr=.inf"], "'lr'"),
+    (["--set", "halt_penalty=.nan"], "halt_penalty"),
+    (["--set", "seed=-1"], "seed"),
+    (["--set", "device=banana"], "device"),
+    (["--set", "device=cuda:7"], "device"),
+    (["--set", "lora_dropout=1.5"], "lora_dropout"),
+    (["--set", "group_size=1"], "group_size"),
+    (["--set", "rollouts_per_blueprint=1"], "rollouts_per_blueprint"),
+    (["--set", "lr=[1"], "lr=[1"),
 ])
 def test_bad_config_exits_with_the_key_named(tmp_path, args, needle):
     proc = coevolve("configs/sokoban_cpu.yaml", *args, "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()  # nothing written for a run that never started
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"group_size: [1, 2\n", "not valid YAML at line"),
+    (b"group_size: 2\nlr: \xff\xfe\n", "not UTF-8"),
+])
+def test_unreadable_config_files_are_named(tmp_path, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    proc = coevolve(str(path), "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_out_must_be_a_fresh_directory(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    proc = coevolve("configs/sokoban_cpu.yaml", "--out", str(a_file), check=False)
+    assert proc.returncode == 2 and "is a file" in proc.stderr
+    logs_only = tmp_path / "logs"
+    logs_only.mkdir()
+    (logs_only / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    proc = coevolve("configs/sokoban_cpu.yaml", "--out", str(logs_only), check=False)
+    assert proc.returncode == 2 and "another run" in proc.stderr
+    assert (logs_only / "metrics.jsonl").read_text() == '{"iteration": 0}\n'  # untouched
+
+
+def test_resume_refuses_shape_changes_and_broken_files(tmp_path):
+    out = tmp_path / "run"
+    coevolve("configs/sokoban_cpu.yaml", "--set", "iterations=1", *FAST, "--set", "eval_episodes=0", "--out", str(out))
+    config = (out / "config.yaml").read_text()
+    proc = coevolve("--resume", str(out), "--set", "lora_r=4", check=False)
+    assert proc.returncode == 2 and "lora_r" in proc.stderr and "cannot change on resume" in proc.stderr
+    assert (out / "config.yaml").read_text() == config  # a refused resume rewrites nothing
+    proc = coevolve("--resume", str(out), "--set", "device=cuda:3", check=False)
+    assert proc.returncode == 2 and (out / "config.yaml").read_text() == config
+    # a truncated config.yaml does not silently resume on defaults: the checkpoint's copy is used
+    (out / "config.yaml").write_text("env: sokoban\n")
+    proc = coevolve("--resume", str(out), "--set", "iterations=2")
+    assert "differs from the checkpoint's config" in proc.stderr
+    assert "group_size: 2" in (out / "config.yaml").read_text()
+    assert [m["iteration"] for m in lines(out / "metrics.jsonl")] == [0, 1]
+    # a truncated adapter is named, not a traceback
+    weights = out / "checkpoint" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = coevolve("--resume", str(out), "--set", "iterations=3", check=False)
+    assert proc.returncode == 2 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_metrics_are_valid_json_even_with_nan(tmp_path):
+    from himac.rundir import RunDir
+    run = RunDir(tmp_path / "r")
+    run.log({"iteration": 0, "micro/loss": float("nan"), "x": [float("inf"), 1.0]})
+    text = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"iteration": 0, "micro/loss": None, "x": [None, 1.0]}
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 1, "micro/lo')  # torn by a crash
+    with pytest.warns(UserWarning, match="torn"):
+        assert [m["iteration"] for m in run.metrics()] == [0]
+    with pytest.warns(UserWarning, match="torn"):
+        run.drop_metrics_after(5)
+    assert run.metrics() == [{"iteration": 0, "micro/loss": None, "x": [None, 1.0]}]
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

@@ -60,6 +60,16 @@ def test_step_limit_halts_with_penalty(tiny_tokenizer):
     assert t.ret == pytest.approx(3 * -0.1 - 2.0)
 
 
+def test_overrun_can_advance_to_the_next_subgoal_and_halts_only_on_the_last(tiny_tokenizer):
+    cfg = ExecutorConfig(subgoal_step_limit=2, halt_penalty=-2.0, subgoal_overrun="advance")
+    (t,), policy, _ = run(tiny_tokenizer, {1: ["a"] * 10}, cfg)
+    assert [s.subgoal for s in t.steps] == [0, 0, 1, 1, 2, 2]
+    assert t.end == "subgoal_step_limit" and t.ret == pytest.approx(-0.6 - 2.0)
+    assert "Sub-goal 2/3" in policy.prompts[2] and "fb-1-2" not in policy.prompts[2]  # a fresh segment
+    (t,), _, _ = run(tiny_tokenizer, {1: ["a", "a", "a", "win"]}, cfg)  # the second segment finishes the task
+    assert t.success and [s.subgoal for s in t.steps] == [0, 0, 1, 1]
+
+
 def test_step_limit_counts_per_segment(tiny_tokenizer):
     cfg = ExecutorConfig(subgoal_step_limit=2)
     (t,), _, _ = run(tiny_tokenizer, {1: ["a", "<sub_done>", "a", "<sub_done>", "a", "win"]}, cfg)
@@ -149,3 +159,24 @@ def test_prompt_budget_drops_the_oldest_segment_steps(tiny_tokenizer):
     assert "fb-4-1" in last_unbounded and "fb-4-1" not in last and "fb-4-4" in last  # oldest step dropped
     assert len(tiny_tokenizer.encode(last, add_special_tokens=False)) <= n_unbounded - 5
     assert t.success
+
+
+def test_sub_done_wins_over_an_action_word_in_the_same_answer(tiny_tokenizer):
+    action, done, valid = executor.parse_output("Answer: a <sub_done>", lambda t: ("a", True))
+    assert done and valid and action is None
+    (t,), _, pool = run(tiny_tokenizer, {1: ["a <sub_done>", "win"]})
+    assert t.steps[0].sub_done and t.steps[0].subgoal == 0 and t.steps[1].subgoal == 1
+    assert pool.env(0).actions == ["win"]  # the action word beside <sub_done> never reached the env
+    _, done, _ = executor.parse_output("a <sub_done>", lambda t: ("a", True), sub_done=False)
+    assert not done  # unless the executor was not told about <sub_done> (the ablation)
+
+
+@pytest.mark.parametrize("answers,cfg,end", [
+    (["a"] * 10, ExecutorConfig(subgoal_step_limit=3, halt_penalty=-2.0), "subgoal_step_limit"),
+    (["a", "trap"], ExecutorConfig(failure_keywords=["deadlock"], halt_penalty=-3.0), "failure_keyword"),
+    (["a", "zz", "<sub_done>", "<sub_done>", "<sub_done>"], ExecutorConfig(halt_penalty=-2.0), "plan_exhausted"),
+])
+def test_after_any_end_the_step_rewards_sum_to_the_return(tiny_tokenizer, answers, cfg, end):
+    (t,), _, _ = run(tiny_tokenizer, {1: answers}, cfg)
+    assert t.end == end and t.ret < -1.0  # the penalty is in the return...
+    assert sum(s.reward for s in t.steps) == pytest.approx(t.ret)  # ...and in a step reward (GiGPO reads them)

@@ -19,10 +19,19 @@ def test_parse_numbered_blueprints(text, subgoals):
     assert valid and got == subgoals
 
 
-@pytest.mark.parametrize("text", ["", "Push the box onto the target.", "######\n#@$.#", "1.\n2. ", "1. ..."])
+@pytest.mark.parametrize("text", ["", "Push the box onto the target.", "######\n#@$.#", "1.\n2. ", "1. ...",
+                                  "1.1.1.1.1.1", "1.   \t  \n2.\u00a0\u3000", "1. 2. 3.", "1) --- !!"])
 def test_unparseable_blueprints_are_invalid_not_errors(text):
     got, valid = planner.parse_output(text, max_subgoals=4)
     assert not valid and got == []
+
+
+def test_parser_is_linear_on_long_whitespace_runs():
+    import time
+    text = "1." + " " * 1_000_000 + "x" + "\n2." + "\t" * 200_000
+    tic = time.perf_counter()
+    assert planner.parse_output(text, 4) == (["x"], True)
+    assert time.perf_counter() - tic < 2.0  # linear: ~10 ms; the old pattern took ~20 s on this
 
 
 def test_prompt_holds_task_first_observation_and_k():

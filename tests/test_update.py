@@ -151,3 +151,54 @@ def test_planner_lr_sets_the_step_of_blueprint_only_updates(tiny_policy):
         opt = make_optimizer(tiny_policy.model, cfg)
         moved = _largest_move(tiny_policy, lambda: policy_update(tiny_policy, opt, rows, cfg, kinds))
         assert 0.5 * lr < moved <= lr * 1.001, (kinds, moved)
+
+
+class _Recorder(torch.optim.SGD):
+    """An optimiser that records the gradient it is asked to step on, and steps by 0."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+
+
+def _nonzero_adapter(policy):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+
+
+def test_policy_update_micro_batching_gives_the_same_loss_and_gradient(tiny_policy):
+    _nonzero_adapter(tiny_policy)
+    rows = rows_for(tiny_policy) * 2  # 8 rows of unequal lengths, two of each sample id
+    out = {}
+    for size in (1, 3, 8):
+        opt = _Recorder([p for p in tiny_policy.model.parameters() if p.requires_grad])
+        stats = policy_update(tiny_policy, opt, rows, UpdateConfig(kl_beta=0.05, micro_batch_size=size),
+                              {BLUEPRINT, ACTION})
+        out[size] = (stats["loss"], opt.grads[0])
+    for size in (1, 3):
+        assert out[size][0] == pytest.approx(out[8][0], rel=1e-5, abs=1e-7)
+        assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(out[size][1], out[8][1]))
+
+
+def test_kl_beta_and_row_temperature_reach_loss_and_gradient(tiny_policy):
+    _nonzero_adapter(tiny_policy)  # pi != pi_ref, so the KL term is not zero
+
+    def loss_and_grad(cfg, temps):
+        rows = rows_for(tiny_policy)
+        for r, t in zip(rows, temps):
+            r.temperature = t
+        opt = _Recorder([p for p in tiny_policy.model.parameters() if p.requires_grad])
+        stats = policy_update(tiny_policy, opt, rows, cfg, {BLUEPRINT, ACTION})
+        return stats["loss"], torch.cat([g.flatten() for g in opt.grads[0]])
+
+    base_loss, base_grad = loss_and_grad(UpdateConfig(kl_beta=0.0), [1.0] * 4)
+    kl_loss, kl_grad = loss_and_grad(UpdateConfig(kl_beta=0.5), [1.0] * 4)
+    assert kl_loss > base_loss and not torch.allclose(kl_grad, base_grad)
+    hot_loss, hot_grad = loss_and_grad(UpdateConfig(kl_beta=0.5), [1.0, 0.5, 1.0, 1.0])  # one row sampled at T = 0.5
+    assert hot_loss != pytest.approx(kl_loss) and not torch.allclose(hot_grad, kl_grad)

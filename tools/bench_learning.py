@@ -1,64 +1,132 @@
-"""Does the hierarchy pay off? Train several variants on equal terms and compare learning curves.
+"""Does the hierarchy pay off? Train variants on equal terms, several seeds each, and compare
+held-out learning curves with standard errors.
 
-    python tools/bench_learning.py                         # CPU defaults: SmolLM2-135M, Sokoban
-    python tools/bench_learning.py --variants himac,flat_grpo --minutes 20 --eval-every 3
-    python tools/bench_learning.py --config configs/sokoban_1p5b.yaml --iterations 100   # a GPU
+    python tools/bench_learning.py --config configs/sokoban_bench.yaml \\
+        --variants himac,flat_grpo,flat_gigpo,no_coevolution --seeds 0,1,2 --minutes 60 --jobs 2 \\
+        --eval-episodes 128 --eval-every 8 --out runs/bench
+    python tools/bench_learning.py ... --validation      # choose settings on the validation rooms
 
-Every variant gets the same config, the same seed (so the same training rooms in the
-same order), the same held-out evaluation rooms, and the same budget: `--iterations`,
-and optionally `--minutes` of training wall-clock each (evaluation time excluded).
-Variants are the paper's §4.3 ablations and flat baselines, each one config switch:
+The protocol:
+- every run of every variant gets the same config and overrides, the same held-out
+  rooms (`--eval-episodes` from the reporting range, or the separate validation range
+  with `--validation`; settings are chosen there, results reported on the other), and
+  the same budget: `--iterations` and `--minutes` of training wall-clock (evaluation
+  excluded). Seed s gives the same training rooms to every variant;
+- the untrained agent is evaluated once per kind of agent (hierarchical, flat, ...):
+  before training every seed of a variant is the same model (LoRA starts at zero) on
+  the same rooms, so it is one number, shared;
+- each run is `python -m himac.coevolve` in its own process, `--jobs` at a time with
+  `--threads` threads each (default: one thread per job when several run, which on the
+  2-core CPU beats one job on two threads); an interrupted bench resumes unfinished runs
+  from their checkpoints and keeps finished ones;
+- the table gives, per variant, the mean and standard error over seeds of held-out
+  success before, at the end, and the gain, with iterations, training time, env steps
+  and generated tokens spent, and the executor's action histogram at the end (the
+  largest share one action takes of all answers: collapse shows here).
 
-  himac              the full method
-  flat_grpo          w/o hierarchy: one flat policy, GRPO over whole trajectories
-  flat_rloo          the flat agent with RLOO's leave-one-out baseline
-  flat_gigpo         the flat agent with GiGPO's episode + anchor-state step groups
-  no_coevolution     planner and executor losses in one update step
-  no_sub_done        a fixed T_limit steps per sub-goal instead of <sub_done>
-  random_blueprint   Phase B under a random blueprint of the group instead of z*
-
-Writes OUT/curves.json (held-out success per evaluation, against iterations, training
-seconds, env steps and generated tokens), OUT/learning.png, each variant's full run
-directory (OUT/<variant>/: metrics, samples, adapter) and prints a table.
+Writes OUT/<variant>/seed<k>/ (each a full run directory), OUT/<variant>/seed<k>.log,
+OUT/curves.json, OUT/learning.png and prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from envs.seeds import VALIDATION_OFFSET
 from himac import config as C
 from himac.experiment import VARIANTS
+from himac.rundir import RunDir
+
+EVAL_KEYS = ("hierarchy", "sub_done")  # the variant keys that change what an untrained agent does
 
 
-def train_variant(name: str, config: str, overrides: dict, out: Path) -> dict:
-    """Train one variant to its budget; return its curve read back from the run directory."""
-    from himac.coevolve import Trainer
-    from himac.experiment import load_config
-    from himac.rundir import RunDir
-    cfg = load_config(config, {**overrides, **VARIANTS[name]})
-    run = RunDir(out / name)
-    run.write_config(cfg.flat())
-    trainer = Trainer(cfg, run)
-    print(f"\n== {name} ==  ({', '.join(f'{k}={v}' for k, v in VARIANTS[name].items()) or 'the full method'})",
-          file=sys.stderr)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return curve(run.metrics(), run.metrics("eval.jsonl"))
+def start_key(name: str) -> str:
+    """Variants whose untrained agents play alike share one start evaluation."""
+    v = VARIANTS[name]
+    return "_start-" + "-".join(f"{k}={v[k]}" for k in EVAL_KEYS if k in v) if any(k in v for k in EVAL_KEYS) \
+        else "_start-default"
 
 
-def curve(metrics: list[dict], evals: list[dict]) -> dict:
-    """Held-out success at each evaluation, with the training resources spent up to it."""
+def settings(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += ["--set", f"{k}={json.dumps(v)}"]
+    return out
+
+
+class Job:
+    def __init__(self, name: str, run: Path, argv: list[str]):
+        self.name, self.run, self.argv = name, run, argv
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.run / "bench_done").is_file()
+
+    def start(self, threads: int) -> None:
+        argv = list(self.argv)
+        if RunDir(self.run, create=False).has_checkpoint():  # interrupted: go on from its checkpoint
+            argv = ["--resume", str(self.run), *argv[1:]]
+        elif self.run.exists():
+            shutil.rmtree(self.run)  # no checkpoint yet: start again from scratch, on equal terms
+            argv += ["--out", str(self.run)]
+        else:
+            argv += ["--out", str(self.run)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.run.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.run.parent / f"{self.run.name}.log", "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "himac.coevolve", *argv], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+
+    def poll(self) -> int | None:
+        code = self.proc.poll()
+        if code is not None:
+            self.log.close()
+            if code == 0:
+                (self.run / "bench_done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+        return code
+
+
+def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
+    pending = [j for j in jobs if not j.done]
+    for j in jobs:
+        if j.done:
+            print(f"{j.name}: done earlier, kept", file=sys.stderr)
+    running: list[Job] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            job.start(threads)
+            running.append(job)
+            print(f"{time.strftime('%H:%M:%S')} start {job.name}", file=sys.stderr)
+        time.sleep(2)
+        for job in list(running):
+            code = job.poll()
+            if code is not None:
+                running.remove(job)
+                print(f"{time.strftime('%H:%M:%S')} {'finished' if code == 0 else f'FAILED ({code})'} {job.name} "
+                      f"(log: {job.run.parent / (job.run.name + '.log')})", file=sys.stderr)
+
+
+# -- reading the runs -----------------------------------------------------------------------
+def curve(run: Path, start: dict) -> dict:
+    """Held-out success at each evaluation of one run, with the training resources spent up to it."""
+    r = RunDir(run, create=False)
     spent = {-1: (0.0, 0, 0)}
     train_s = steps = tokens = 0
-    for m in metrics:
+    for m in r.metrics():
         train_s, steps, tokens = m.get("train_s", train_s), steps + m.get("env/steps", 0), tokens + m.get("gen/tokens", 0)
         spent[m["iteration"]] = (train_s, steps, tokens)
-    out: dict = {"iteration": [], "train_s": [], "env_steps": [], "gen_tokens": [], "success": [], "return": []}
+    evals = [start] + [e for e in r.metrics("eval.jsonl") if e["iteration"] >= 0]
+    out: dict = {k: [] for k in ("iteration", "train_s", "env_steps", "gen_tokens", "success", "return",
+                                 "action_top_share")}
     for ev in evals:
         s, n, k = spent.get(ev["iteration"], (float("nan"), 0, 0))
         out["iteration"].append(ev["iteration"] + 1)  # iterations completed (0 = before training)
@@ -67,26 +135,40 @@ def curve(metrics: list[dict], evals: list[dict]) -> dict:
         out["gen_tokens"].append(k)
         out["success"].append(ev["eval/success_rate"])
         out["return"].append(ev["eval/return_mean"])
-    out["train_success"] = [m["success_rate"] for m in metrics]
+        out["action_top_share"].append(ev.get("eval/action_top_share", float("nan")))
     return out
 
 
-def summary_rows(curves: dict, target: float) -> list[list]:
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def summary(curves: dict[str, dict[str, dict]]) -> list[list]:
     rows = []
-    for name, c in curves.items():
-        hit = next((it for it, s in zip(c["iteration"], c["success"]) if s >= target and it > 0), None)
-        rows.append([name, c["success"][0] if c["success"] else float("nan"),
-                     c["success"][-1] if c["success"] else float("nan"),
-                     max(c["success"][1:], default=float("nan")), "-" if hit is None else hit,
-                     c["iteration"][-1] if c["iteration"] else 0, c["train_s"][-1] if c["train_s"] else 0.0,
-                     c["env_steps"][-1] if c["env_steps"] else 0, c["gen_tokens"][-1] if c["gen_tokens"] else 0])
+    for name, seeds in curves.items():
+        runs = list(seeds.values())
+        start = mean_se([c["success"][0] for c in runs])
+        final = mean_se([c["success"][-1] for c in runs])
+        gain = mean_se([c["success"][-1] - c["success"][0] for c in runs])
+        best = mean_se([max(c["success"][1:], default=float("nan")) for c in runs])
+        rows.append([name, len(runs), start[0], *final, *gain, best[0],
+                     mean_se([c["iteration"][-1] for c in runs])[0], mean_se([c["train_s"][-1] / 60 for c in runs])[0],
+                     mean_se([c["env_steps"][-1] for c in runs])[0], mean_se([c["gen_tokens"][-1] for c in runs])[0],
+                     max((c["action_top_share"][-1] for c in runs), default=float("nan"))])
     return rows
 
 
-def table(rows: list[list], target: float) -> str:
-    head = ["variant", "success@0", "final", "best", f"iters to {target:g}", "iters", "train s", "env steps",
-            "gen tokens"]
-    fmt = [lambda v: str(v), *[lambda v: f"{v:.3f}"] * 3, str, str, lambda v: f"{v:.0f}", str, lambda v: f"{v:.0f}"]
+def table(rows: list[list]) -> str:
+    head = ["variant", "seeds", "success@0", "final", "+-SE", "gain", "+-SE", "best", "iters", "train min",
+            "env steps", "gen tokens", "top action (max)"]
+    fmt = [str, str, *[lambda v: f"{v:.3f}"] * 6, lambda v: f"{v:.1f}", lambda v: f"{v:.1f}",
+           lambda v: f"{v:.0f}", lambda v: f"{v:.0f}", lambda v: f"{v:.2f}"]
     cells = [head] + [[f(v) for f, v in zip(fmt, r)] for r in rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width))) for r in cells]
@@ -94,22 +176,44 @@ def table(rows: list[list], target: float) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: dict, path: Path, title: str) -> None:
+def _on_grid(xs: list[float], ys: list[float], grid: list[float]) -> list[float]:
+    """Linear interpolation of a curve on `grid`; after its last point it holds its last value."""
+    out = []
+    for g in grid:
+        if g >= xs[-1]:
+            out.append(ys[-1])
+            continue
+        j = next(i for i in range(1, len(xs)) if xs[i] >= g)
+        t = (g - xs[j - 1]) / max(xs[j] - xs[j - 1], 1e-9)
+        out.append(ys[j - 1] + t * (ys[j] - ys[j - 1]))
+    return out
+
+
+def plot(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, c in curves.items():
-        style = "-" if name == "himac" else "--" if name.startswith("flat") else ":"
-        axes[0].plot(c["iteration"], c["success"], style, marker="o", ms=3, label=name)
-        axes[1].plot([s / 60 for s in c["train_s"]], c["success"], style, marker="o", ms=3, label=name)
-    axes[0].set_xlabel("co-evolution iterations")
-    axes[1].set_xlabel("training wall-clock (min, evaluation excluded)")
-    axes[0].set_ylabel("held-out greedy success rate")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for (name, seeds), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3):
+        runs = list(seeds.values())
+        for ax, key, scale in ((axes[0], "train_s", 1 / 60), (axes[1], "iteration", 1)):
+            for c in runs:
+                ax.plot([x * scale for x in c[key]], c["success"], color=color, alpha=0.25, lw=0.8)
+            end = max(max(c[key]) for c in runs) * scale
+            grid = [end * i / 60 for i in range(61)]
+            ys = [_on_grid([x * scale for x in c[key]], c["success"], grid) for c in runs]
+            stats = [mean_se([y[i] for y in ys]) for i in range(len(grid))]
+            m = [s[0] for s in stats]
+            se = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+            ax.plot(grid, m, color=color, lw=2, label=f"{name} (n={len(runs)})")
+            ax.fill_between(grid, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color,
+                            alpha=0.2)
+    axes[0].set_xlabel("training wall-clock (min, evaluation excluded)")
+    axes[1].set_xlabel("iterations")
+    axes[0].set_ylabel("held-out greedy success (mean ± SE over seeds)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.set_ylim(-0.03, 1.03)
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -119,13 +223,18 @@ def plot(curves: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
-    ap.add_argument("--variants", default="himac,flat_grpo",
-                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    ap.add_argument("--iterations", type=int, default=12, help="iteration budget per variant")
-    ap.add_argument("--minutes", type=float, default=0.0, help="training wall-clock budget per variant (0: none)")
-    ap.add_argument("--eval-every", type=int, default=3)
+    ap.add_argument("--variants", default="himac,flat_grpo", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds, the same for every variant")
+    ap.add_argument("--iterations", type=int, default=12, help="iteration budget per run")
+    ap.add_argument("--minutes", type=float, default=0.0, help="training wall-clock budget per run (0: none)")
+    ap.add_argument("--eval-every", type=int, default=3, help="evaluate every this many iterations (0: off)")
+    ap.add_argument("--eval-every-minutes", type=float, default=0.0,
+                    help="also evaluate at each multiple of this much training time: equal wall-clock points")
     ap.add_argument("--eval-episodes", type=int, default=32)
-    ap.add_argument("--target", type=float, default=0.5, help="success rate for the 'iterations to target' column")
+    ap.add_argument("--validation", action="store_true",
+                    help="evaluate on the validation range (for choosing settings), not the reporting range")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=0, help="threads per run (default: 1 if --jobs > 1, else all)")
     ap.add_argument("--out", default=None, help="output directory (default runs/bench-learning-<time>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key for every variant (repeatable)")
@@ -134,35 +243,50 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         ap.error(f"--variants: unknown {unknown or names}; known: {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
+    if not seeds:
+        ap.error("--seeds: at least one seed")
     if args.eval_episodes < 1:
         ap.error(f"--eval-episodes {args.eval_episodes}: the curves need at least 1 episode")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: must be >= 1")
     try:
         overrides = C.parse_overrides(args.overrides)
     except C.ConfigError as e:
         ap.error(str(e))
-    overrides.update({"iterations": args.iterations, "eval_every": args.eval_every,
-                      "eval_episodes": args.eval_episodes, "time_budget_s": args.minutes * 60})
+    overrides.update({"iterations": args.iterations, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+                      "eval_every_minutes": args.eval_every_minutes,
+                      "time_budget_s": args.minutes * 60, "eval_offset": VALIDATION_OFFSET if args.validation else 0})
+    threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
     out = Path(args.out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    result_path = out / "curves.json"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-    result.update({"config": args.config, "overrides": overrides, "target": args.target})
-    curves = result.setdefault("curves", {})
-    for name in names:
-        if name in curves:  # finished in an earlier, interrupted call: keep it
-            print(f"{name}: already in {result_path}, skipped", file=sys.stderr)
-            continue
-        if (out / name).exists():
-            import shutil
-            shutil.rmtree(out / name)  # a half-trained variant restarts from scratch, on equal terms
-        curves[name] = train_variant(name, args.config, overrides, out)
-        result_path.write_text(json.dumps(result, indent=1))  # nothing lost if a later variant crashes
-    curves = {n: curves[n] for n in names}
-    title = f"{Path(args.config).stem}: {args.iterations} it" + (f" / {args.minutes:g} min" if args.minutes else "") + \
-        f", {args.eval_episodes} held-out episodes per point"
-    plot(curves, out / "learning.png", title)
-    print(table(summary_rows(curves, args.target), args.target))
-    print(f"\ncurves: {result_path}\nplot:   {out / 'learning.png'}")
+
+    starts = {start_key(n): n for n in names}
+    jobs = [Job(key, out / key, [args.config, *settings({**overrides, **VARIANTS[n], "iterations": 0})])
+            for key, n in starts.items()]
+    run_jobs(jobs, args.jobs, threads)
+    jobs = [Job(f"{n}/seed{s}", out / n / f"seed{s}",
+                [args.config, *settings({**overrides, **VARIANTS[n], "seed": s, "eval_at_start": False})])
+            for s in seeds for n in names]  # seed by seed: the runs that share the machine share rooms
+    run_jobs(jobs, args.jobs, threads)
+
+    curves: dict = {}
+    for n in names:
+        start = RunDir(out / start_key(n), create=False).metrics("eval.jsonl")[0]
+        curves[n] = {s: curve(out / n / f"seed{s}", start) for s in seeds if (out / n / f"seed{s}" / "bench_done").is_file()}
+    curves = {n: c for n, c in curves.items() if c}
+    (out / "curves.json").write_text(json.dumps({"config": args.config, "overrides": overrides, "seeds": seeds,
+                                                 "threads": threads, "jobs": args.jobs, "curves": curves}, indent=1))
+    rooms = "validation" if args.validation else "held-out"
+    title = (f"{Path(args.config).stem}: {args.eval_episodes} {rooms} rooms, seeds {args.seeds}, "
+             + (f"{args.minutes:g} min / " if args.minutes else "") + f"{args.iterations} it per run")
+    if curves:
+        plot(curves, out / "learning.png", title)
+        print(table(summary(curves)))
+    print(f"\ncurves: {out / 'curves.json'}\nplot:   {out / 'learning.png'}")
     return 0
 
 
