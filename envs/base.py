@@ -10,10 +10,12 @@ constants. An `EnvSpec` bundles them and is registered by exact name in
 step on it (so a model that never answers validly still runs out of budget) and
 leaves the state unchanged.
 
-Env-specific facts about an episode (Sokoban's optimal move count, an ALFWorld
-game's file) travel in `env.episode_info`, a plain dict the pools hand up and
-evaluation copies into each episode record; `EnvSpec.report` turns a list of such
-records into the env's own summary numbers. Nothing above this layer knows the keys.
+Env-specific facts about an episode travel as plain dicts that nothing above this
+layer interprets: `env.episode_info` at reset (Sokoban's optimal move count, an
+ALFWorld game's file), which the pools hand up as `pool.infos`, and `info["episode"]`
+in a step's info (facts known only as it ends, e.g. a score). Evaluation copies both
+into each episode record; `EnvSpec.report` turns a list of records into the env's own
+summary numbers (also reported for training episodes, as `env/<name>`).
 
 `ConfigError` and `check` live here, at the bottom, because the env config
 dataclasses raise them as himac's own configs do (himac.config re-exports them).
