@@ -14,14 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # bottom first
     ("envs", ["envs/__init__.py", "envs/base.py", "envs/cache.py", "envs/seeds.py", "envs/sokoban.py",
-              "envs/alfworld.py", "envs/alfworld_games.py", "envs/procpool.py"]),
+              "envs/alfworld.py", "envs/alfworld_games.py", "envs/procpool.py", "envs/webshop_data.py",
+              "envs/webshop_reward.py", "envs/webshop.py"]),
     ("math", ["himac/__init__.py", "himac/config.py", "himac/groups.py", "himac/estimators.py"]),
     ("model and policy", ["himac/vision.py", "himac/tiny.py", "himac/models.py", "himac/policy.py",
-                          "himac/llamacpp.py"]),
+                          "himac/llamacpp.py", "himac/llamacpp_server.py"]),
     ("roles and update", ["himac/update.py", "himac/planner.py", "himac/executor.py"]),
-    ("experiment", ["himac/experiment.py", "himac/metrics.py", "himac/rundir.py", "himac/plots.py"]),
+    ("experiment", ["himac/experiment.py", "himac/metrics.py", "himac/rundir.py", "himac/plots.py",
+                    "himac/reporting.py", "himac/quiet.py"]),
     ("loop and evaluation", ["himac/evaluation.py", "himac/coevolve.py"]),
-    ("export", ["himac/export.py", "himac/evaluate.py"]),
+    ("export", ["himac/export.py", "himac/deploy.py", "himac/evaluate.py"]),
     ("tools", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py"))),
 ]
 LAYER = {f: i for i, (_, files) in enumerate(LAYERS) for f in files}
