@@ -26,7 +26,10 @@ the metrics from himac.metrics; the run directory's layout from himac.rundir.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,12 +40,12 @@ from tqdm.auto import tqdm
 from envs import get_spec
 from envs.seeds import eval_seeds
 from himac import config as C
-from himac import executor, metrics, models, planner
-from himac.evaluation import evaluate_agent
+from himac import executor, metrics, models, planner, quiet, reporting
+from himac.evaluation import Metered, evaluate_agent
 from himac.experiment import (Config, blueprint_advantages, load_config, sections, trajectory_advantages,
                               without_silent)
 from himac.policy import Policy
-from himac.rundir import RunDir, UnsafeCheckpoint, crash_point, read_trainer_state
+from himac.rundir import RunDir, UnsafeCheckpoint, crash_point, read_trainer_state, rng_state, set_rng_state
 from himac.update import ACTION, BLUEPRINT, Optimizers, policy_update
 
 CHOICE_SALT = 31_337  # the random-blueprint ablation's own random stream
@@ -67,6 +70,10 @@ class Trainer:
         self.pool = self.spec.pool(cfg.env)
         self._eval_pool = None
         self.start = run.load_trainer_state(self.optimizers) + 1 if resume else 0
+        self.reporter = reporting.Reporters()  # TensorBoard / W&B beside metrics.jsonl (main sets them)
+        self.checkpointed: int | None = self.start - 1 if resume else None  # the iteration the checkpoint holds
+        self.interrupted = False  # Ctrl-C stopped train()
+        self._snapshot = None  # (iteration, adapter, optimiser state, RNG) of the last uncheckpointed iteration
 
     # -- Algorithm 1 ------------------------------------------------------------------
     def iteration(self, t: int, bar=None) -> tuple[dict, list[dict]]:
@@ -201,15 +208,27 @@ class Trainer:
         return executor.training_rows([trajs[i] for i in keep], [adv[i] for i in keep], sample_offset), adv, silent
 
     def _update(self, rows, kinds: set[int]) -> dict:
-        return policy_update(self.policy, self.optimizers.for_kinds(kinds), rows, self.cfg.update, kinds)
+        out = policy_update(self.policy, self.optimizers.for_kinds(kinds), rows, self.cfg.update, kinds)
+        # Finite losses and gradients can still step into inf (an overflow in the optimiser): stop before the next
+        # rollout samples from the broken weights; the last checkpoint holds good ones.
+        if not all(torch.isfinite(p).all() for p in self.policy.model.parameters() if p.requires_grad):
+            raise TrainingError(f"an optimiser step left non-finite adapter weights; stopped, the last good "
+                                f"checkpoint ({self.run.checkpoint}) is kept")
+        return out
 
     # -- evaluation and the loop --------------------------------------------------------
     def evaluate(self, t: int) -> dict:
         seeds = eval_seeds(self.cfg.run.eval_episodes, self.cfg.run.eval_offset)
         if self._eval_pool is None:
             self._eval_pool = self.spec.pool(self.cfg.env, evaluation=True)
-        report = evaluate_agent(self.policy, self.spec, self._eval_pool, seeds, self.cfg.planner, self.cfg.executor,
-                                flat=not self.cfg.run.hierarchy)
+        label = "before training" if t < 0 else f"after iteration {t}"
+        with tqdm(total=len(seeds), desc=f"held-out eval ({label})", unit="ep", leave=False, dynamic_ncols=True,
+                  disable=None) as bar:
+            report = evaluate_agent(Metered(self.policy, bar), self.spec, self._eval_pool, seeds, self.cfg.planner,
+                                    self.cfg.executor, flat=not self.cfg.run.hierarchy)
+            bar.update(len(seeds))
+        tqdm.write(f"himac: held-out {label}: success {report['success_rate']:.3f}, return "
+                   f"{report['return_mean']:.2f} ({len(seeds)} episodes)", file=sys.stderr)
         return {"iteration": t, **{f"eval/{k}": v for k, v in report.items() if k != "episodes"}}
 
     def close(self) -> None:
@@ -219,66 +238,182 @@ class Trainer:
                 pool.close()
 
     def train(self) -> list[dict]:
+        """Algorithm 1's loop. Ctrl-C stops it cleanly: the iteration in flight is abandoned, the last completed
+        one is checkpointed (if it was not already) and `self.interrupted` is set."""
+        history: list[dict] = []
+        with _Interrupts() as guard:
+            try:
+                self._loop(history, guard)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                with guard.deferred():  # a second Ctrl-C does not break the checkpoint being written
+                    self._checkpoint_last_completed(history)
+        return history
+
+    def _loop(self, history: list[dict], guard: _Interrupts) -> None:
         cfg, run = self.cfg, self.run
-        history = []
         evaluating = cfg.run.eval_episodes > 0
         if evaluating and self.start == 0 and cfg.run.eval_at_start:
-            run.log(self.evaluate(-1), "eval.jsonl")
+            ev = self.evaluate(-1)
+            with guard.deferred():
+                run.log(ev, "eval.jsonl")
+                self.reporter.log(ev, step=0)
+            guard.check()
         bar = tqdm(range(self.start, cfg.run.iterations), desc="co-evolution", unit="it",
                    initial=self.start, total=cfg.run.iterations, dynamic_ncols=True)
         t_start = time.perf_counter()
         done_before = run.metrics() if self.start else []
         train_s = float(done_before[-1].get("train_s") or 0.0) if done_before else 0.0  # resumed: keep counting
-        nonfinite = broken = 0
-        for t in bar:
-            tic = time.perf_counter()
-            with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False, dynamic_ncols=True,
-                      disable=None) as inner:
-                m, samples = self.iteration(t, inner)
-            m["wall_s"] = time.perf_counter() - tic
-            m["elapsed_s"] = time.perf_counter() - t_start
-            train_s += m["wall_s"]
-            m["train_s"] = train_s  # training wall-clock so far, evaluation excluded
-            out_of_time = bool(cfg.run.time_budget_s) and train_s >= cfg.run.time_budget_s
-            last = t == cfg.run.iterations - 1 or out_of_time
-            every_s = cfg.run.eval_every_minutes * 60
-            timed = bool(every_s) and int(train_s // every_s) > int((train_s - m["wall_s"]) // every_s)
-            if evaluating and (last or timed or (cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0)):
-                ev = self.evaluate(t)
-                run.log(ev, "eval.jsonl")
-                m.update({k: v for k, v in ev.items() if k != "iteration"})
-            run.log(m)
-            for s in samples:
-                run.log(s, "samples.jsonl")
-            if m.get("env/end_env_error", 0) > 0.5:
-                broken += 1
-                bar.write(f"himac: warning: {m['env/end_env_error']:.0%} of iteration {t}'s episodes ended with an env "
-                          "error (see samples.jsonl); they are left out of training")
-                if broken >= ENV_ERROR_PATIENCE:
-                    raise TrainingError(f"most episodes ended with env errors in {broken} iterations in a row: the "
-                                        f"environment is broken; last checkpoint: {run.checkpoint}")
-            else:
-                broken = 0
-            bad = m.get("macro/nonfinite_steps", 0) + m.get("micro/nonfinite_steps", 0)
-            nonfinite = nonfinite + 1 if bad else 0
-            if nonfinite >= NONFINITE_PATIENCE:
-                raise TrainingError(f"{nonfinite} iterations in a row had NaN/inf losses or gradients (their steps "
-                                    f"were skipped, so the weights are intact); last good checkpoint: {run.checkpoint}."
-                                    " Lower lr, or raise max_grad_norm only with care")
-            if last or (t + 1) % cfg.run.save_every == 0:
-                crash_point("before_save")
-                if not all(torch.isfinite(p).all() for p in self.policy.model.parameters() if p.requires_grad):
-                    raise TrainingError(f"iteration {t} left non-finite adapter weights; not checkpointed, the last "
-                                        f"good checkpoint ({run.checkpoint}) is kept")
-                run.save_checkpoint(self.policy.model, self.optimizers, t, config=cfg.flat())
-                run.plot()
-            bar.set_postfix(success=f"{m['success_rate']:.2f}", ret=f"{m['macro/return_mean']:.2f}",
-                            wall=f"{m['wall_s']:.0f}s")
-            history.append(m)
-            if out_of_time:
-                bar.write(f"himac: time budget {cfg.run.time_budget_s:.0f}s reached after iteration {t}")
-                break
-        return history
+        train_cpu_s = float(done_before[-1].get("train_cpu_s") or 0.0) if done_before else 0.0
+        self._nonfinite = self._broken = 0  # iterations in a row with NaN steps / mostly env errors
+        try:
+            for t in bar:
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False,
+                          dynamic_ncols=True, disable=None) as inner:
+                    m, samples = self.iteration(t, inner)
+                m["wall_s"] = time.perf_counter() - tic
+                m["cpu_s"] = time.process_time() - cpu_tic  # this process's CPU time: fair under contention
+                m["elapsed_s"] = time.perf_counter() - t_start
+                train_s += m["wall_s"]
+                train_cpu_s += m["cpu_s"]
+                m["train_s"] = train_s  # training wall-clock so far, evaluation excluded
+                m["train_cpu_s"] = train_cpu_s
+                spent = train_cpu_s if cfg.run.time_clock == "cpu" else train_s
+                out_of_time = bool(cfg.run.time_budget_s) and spent >= cfg.run.time_budget_s
+                last = t == cfg.run.iterations - 1 or out_of_time
+                every_s = cfg.run.eval_every_minutes * 60
+                step_s = m["cpu_s"] if cfg.run.time_clock == "cpu" else m["wall_s"]
+                timed = bool(every_s) and int(spent // every_s) > int((spent - step_s) // every_s)
+                ev = None
+                if evaluating and (last or timed or (cfg.run.eval_every and (t + 1) % cfg.run.eval_every == 0)):
+                    ev = self.evaluate(t)
+                    m.update({k: v for k, v in ev.items() if k != "iteration"})
+                with guard.deferred():  # iteration t is done: its rows and checkpoint are written whole
+                    self._finish(t, m, samples, ev, last, bar)
+                history.append(m)
+                if out_of_time:
+                    bar.write(f"himac: time budget {cfg.run.time_budget_s:.0f}s ({cfg.run.time_clock}) reached "
+                              f"after iteration {t}")
+                    break
+                guard.check()
+        finally:
+            bar.close()
+
+    def _finish(self, t: int, m: dict, samples: list[dict], ev: dict | None, last: bool, bar) -> None:
+        """Iteration t is done: log it everywhere, stop a run that keeps failing, checkpoint it when due (the last
+        iteration, every save_every)."""
+        cfg, run = self.cfg, self.run
+        if ev is not None:
+            run.log(ev, "eval.jsonl")
+        run.log(m)
+        for s in samples:
+            run.log(s, "samples.jsonl")
+        self.reporter.log(m, step=t + 1)
+        if m.get("env/end_env_error", 0) > 0.5:
+            self._broken += 1
+            bar.write(f"himac: warning: {m['env/end_env_error']:.0%} of iteration {t}'s episodes ended with an env "
+                      "error (see samples.jsonl); they are left out of training")
+            if self._broken >= ENV_ERROR_PATIENCE:
+                raise TrainingError(f"most episodes ended with env errors in {self._broken} iterations in a row: the "
+                                    f"environment is broken; last checkpoint: {run.checkpoint}")
+        else:
+            self._broken = 0
+        bad = m.get("macro/nonfinite_steps", 0) + m.get("micro/nonfinite_steps", 0)
+        self._nonfinite = self._nonfinite + 1 if bad else 0
+        if self._nonfinite >= NONFINITE_PATIENCE:
+            raise TrainingError(f"{self._nonfinite} iterations in a row had NaN/inf losses or gradients (their steps "
+                                f"were skipped, so the weights are intact); last good checkpoint: {run.checkpoint}."
+                                " Lower lr, or raise max_grad_norm only with care")
+        if last or (t + 1) % cfg.run.save_every == 0:
+            crash_point("before_save")
+            self._save(t)
+        else:  # save_every > 1: keep what Ctrl-C would checkpoint before the next save
+            self._snapshot = (t, *self._state())
+        kl = m.get("micro/kl", m.get("macro/kl"))  # the executor's KL to pi_ref (the planner's in a run without B)
+        live = {"success": f"{m['success_rate']:.2f}", "return": f"{m['macro/return_mean']:.2f}",
+                **({"kl": f"{kl:.2g}"} if isinstance(kl, float) else {}), "s/it": f"{m['wall_s']:.0f}"}
+        bar.set_postfix(ordered_dict=live)
+
+    def _save(self, t: int) -> None:
+        run = self.run
+        if not all(torch.isfinite(p).all() for p in self.policy.model.parameters() if p.requires_grad):
+            raise TrainingError(f"iteration {t} left non-finite adapter weights; not checkpointed, the last "
+                                f"good checkpoint ({run.checkpoint}) is kept")
+        peft_cfg = getattr(self.policy.model, "peft_config", {}).get("default")
+        card = reporting.model_card(run, self.cfg.flat(), t, getattr(peft_cfg, "base_model_name_or_path", None)
+                                    or self.cfg.model.model)
+        run.save_checkpoint(self.policy.model, self.optimizers, t, config=self.cfg.flat(), card=card)
+        self.checkpointed, self._snapshot = t, None
+        run.plot()
+
+    def _state(self) -> tuple:
+        """A CPU copy of what a checkpoint holds: the trainable weights, the optimiser state, the RNGs."""
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in self.policy.model.named_parameters()
+                   if p.requires_grad}
+        return weights, _to_cpu(self.optimizers.state_dict()), rng_state()
+
+    def _checkpoint_last_completed(self, history: list[dict]) -> None:
+        """After Ctrl-C: make the checkpoint hold the last completed iteration (the one in flight is dropped)."""
+        if not history or self.checkpointed == history[-1]["iteration"]:
+            return
+        t, weights, optim, rng = self._snapshot if self._snapshot is not None else (None,) * 4
+        if t != history[-1]["iteration"]:
+            return
+        params = dict(self.policy.model.named_parameters())
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(w)
+        self.optimizers.load_state_dict(optim)
+        set_rng_state(rng)
+        self._save(t)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) in the training loop: outside `deferred()` it stops the iteration in flight at once
+    (KeyboardInterrupt); inside (writing a finished iteration's logs and checkpoint) it is held until the block
+    is done, and `check()` raises it then. Only the main thread can take signals; elsewhere this is a no-op."""
+
+    def __init__(self):
+        self.requested = False
+        self._deferring = 0
+        self._previous = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if not self._deferring:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 class _Phases:
@@ -381,7 +516,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config key, e.g. --set lr=1e-4 (repeatable)")
     ap.add_argument("--keys", metavar="ENV", nargs="?", const="sokoban",
                     help="print every config key for ENV (default sokoban) with its default and meaning, then exit")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show every third-party warning, log line and progress bar (by default the known noise "
+                         "of transformers, peft and bitsandbytes is filtered: himac/quiet.py)")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
+    if not args.verbose:
+        quiet.quiet()
+    try:
+        return _main(ap, args, started)
+    except KeyboardInterrupt:  # before or after the training loop (the loop handles its own)
+        print("\nhimac: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(ap: argparse.ArgumentParser, args: argparse.Namespace, started: float) -> int:
     if args.keys:
         try:
             print(C.describe(sections(args.keys)))
@@ -413,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
                                     "but no checkpoint; a new run would mix its rows with them: use another --out")
         models.resolve_device(cfg.model.device)  # 'cuda' on a machine without one fails here, named
+        reporting.check_available(cfg.run.report_to)  # a missing extra fails here, before anything is written
     except (C.ConfigError, UnsafeCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -425,17 +575,20 @@ def main(argv: list[str] | None = None) -> int:
     run.write_run_info(cfg.run.seed, str(trainer.policy.device))
     print(f"himac: run directory {run.path}  (iterations {trainer.start}..{cfg.run.iterations - 1})", file=sys.stderr)
     try:
-        history = trainer.train()
+        trainer.reporter = reporting.make_reporters(
+            cfg.run.report_to, run, cfg.flat(), start_step=trainer.start + 1 if args.resume else 0,
+            wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode, quiet=not args.verbose,
+            warn=lambda msg: print(msg, file=sys.stderr))
+        trainer.train()
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         trainer.close()
-    if history:
-        last = history[-1]
-        print(f"himac: done. last iteration success_rate={last['success_rate']:.3f} "
-              f"return={last['macro/return_mean']:.3f}; metrics in {run.path / 'metrics.jsonl'}", file=sys.stderr)
-    return 0
+        trainer.reporter.close()
+    print(reporting.run_summary(run, cfg.flat(), time.perf_counter() - started, interrupted=trainer.interrupted,
+                                checkpoint_iteration=trainer.checkpointed, reporters=tuple(cfg.run.report_to)))
+    return 130 if trainer.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,10 @@ class RunConfig:
     """Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
     time_budget_s: float = 0.0
     """Stop after the iteration that brings training time (evaluation excluded) past this (0: no limit)."""
+    time_clock: str = "wall"
+    """What 'training time' counts for time_budget_s and eval_every_minutes: 'wall' (wall-clock) or 'cpu' (the
+    trainer process's CPU seconds: on a shared machine, every run gets the same compute whatever else runs;
+    on a quiet one with one thread per run it equals wall-clock)."""
     hierarchy: bool = True
     """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
     the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
@@ -65,6 +69,14 @@ class RunConfig:
     blueprint_choice: str = "best"
     """Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded uniform pick
     among the task's valid blueprints: the 'random blueprint' ablation)."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: 'jsonl' (metrics.jsonl, always written), 'tensorboard' (RUN/tensorboard/, pip install
+    'himac[tensorboard]'), 'wandb' (Weights & Biases, pip install 'himac[wandb]'); e.g. [jsonl, tensorboard]."""
+    wandb_project: str = "himac"
+    """W&B project of report_to: wandb."""
+    wandb_mode: str = "offline"
+    """W&B mode: 'offline' (RUN/wandb/, no network; upload later with `wandb sync`), 'online' (after `wandb
+    login`) or 'disabled'."""
 
     def __post_init__(self):
         C.check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
@@ -78,8 +90,14 @@ class RunConfig:
         C.check(self.eval_every_minutes >= 0, "eval_every_minutes", self.eval_every_minutes, "must be >= 0")
         C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
         C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
+        C.check(self.time_clock in ("wall", "cpu"), "time_clock", self.time_clock, "must be 'wall' or 'cpu'")
         C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
                 "must be 'best' or 'random'")
+        bad = [r for r in self.report_to if r not in ("jsonl", "tensorboard", "wandb")]
+        C.check(not bad, "report_to", self.report_to, f"{bad[0] if bad else ''!r} is not one of jsonl, tensorboard, "
+                "wandb")
+        C.check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode", self.wandb_mode,
+                "must be 'offline', 'online' or 'disabled'")
 
     def task_seeds(self, iteration: int) -> list[int]:
         """Env seeds of the iteration's B training tasks (Algorithm 1, line 2: x ~ D)."""

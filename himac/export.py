@@ -394,8 +394,10 @@ def verify_tokenizer(gguf_path: str | Path, checkpoint) -> list[str]:
 
 # -- one call ------------------------------------------------------------------------
 def export_run(run_dir: str | Path, out: str | Path, quant: str = "f16", base: str = "trained",
-               lora_out: str | Path | None = None, progress: bool = True) -> Path:
-    """Merge the run's adapter into its base and write `out`; optionally also the adapter alone."""
+               lora_out: str | Path | None = None, progress: bool = True, deploy_files: bool = True) -> Path:
+    """Merge the run's adapter into its base and write `out`; optionally also the adapter alone.
+
+    `deploy_files`: also write an ollama Modelfile and SERVE.md beside `out` (himac/deploy.py)."""
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r}: must be one of {', '.join(QUANTS)}")
     cfg, adapter = read_run(run_dir)
@@ -404,4 +406,7 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "f16", base: s
     path = write_gguf(state, hf_config, tokenizer, out, quant, name=f"himac-{Path(run_dir).name}", progress=progress)
     if lora_out is not None:
         write_lora_gguf(adapter, hf_config, lora_out)
+    if deploy_files:
+        from himac.deploy import write_deploy_files
+        write_deploy_files(path, RunDir(run_dir, create=False).read_config())
     return path

@@ -6,8 +6,11 @@
     eval.jsonl       held-out evaluations
     samples.jsonl    a few blueprints and trajectories per iteration, for reading
     progress.png     success, returns, answer quality and time per iteration, redrawn at each checkpoint
-    checkpoint/      adapter/ (peft, safetensors), trainer.pt (optimizer, RNG, iteration)
+    checkpoint/      adapter/ (peft, safetensors, and README.md: the model card), trainer.pt (optimizer, RNG,
+                     iteration)
     export/          GGUF exports of the checkpoint (agent-<quant>.gguf), made on demand
+    tensorboard/     TensorBoard event files (report_to: tensorboard)
+    wandb/           the W&B run (report_to: wandb): offline-run-*/ and run-id, the id a resumed run continues
 
 This class is the one place that knows the layout: the trainer, evaluation,
 export and the tools ask it for paths.
@@ -63,6 +66,24 @@ class RunDir:
     @property
     def adapter_weights(self) -> Path:
         return self.adapter_dir / "adapter_model.safetensors"
+
+    @property
+    def model_card(self) -> Path:
+        """The adapter's model card (README.md beside the peft files, as a hub upload expects)."""
+        return self.adapter_dir / "README.md"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's own folder (wandb.init(dir=RUN) writes RUN/wandb/)."""
+        return self.path / "wandb"
+
+    @property
+    def wandb_id_file(self) -> Path:
+        return self.wandb_dir / "run-id"
 
     def export_file(self, quant: str) -> Path:
         """Where the checkpoint's merged GGUF at precision `quant` is kept."""
@@ -143,16 +164,20 @@ class RunDir:
         self._recover()
         return (self.checkpoint / "trainer.pt").is_file()
 
-    def save_checkpoint(self, model, optimizers, iteration: int, config: dict | None = None) -> None:
+    def save_checkpoint(self, model, optimizers, iteration: int, config: dict | None = None,
+                        card: str | None = None) -> None:
         """Adapter (peft safetensors) + trainer state (optimisers, RNG, iteration, config) as one atomic unit.
 
         `optimizers` is anything with a state_dict() (an Optimizer, update.Optimizers); `config` the
-        resolved flat config, kept with the weights it describes (resume checks against it).
+        resolved flat config, kept with the weights it describes (resume checks against it); `card` the
+        adapter's model card (README.md, in place of peft's empty template).
         """
         tmp, old = self.path / "checkpoint.tmp", self.path / "checkpoint.old"
         self._recover()
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp / self.adapter_dir.name)  # peft: adapter_config.json + adapter_model.safetensors
+        if card is not None:
+            (tmp / self.adapter_dir.name / self.model_card.name).write_text(card, encoding="utf-8")
         state = {"format": TRAINER_STATE_FORMAT, "iteration": iteration, "optimizers": optimizers.state_dict(),
                  "rng": rng_state(), **({"config": json.dumps(_finite(config))} if config is not None else {})}
         crash_point("checkpoint_tmp")

@@ -10,8 +10,10 @@ The protocol:
 - every run of every variant gets the same config and overrides, the same held-out
   rooms (`--eval-episodes` from the reporting range, or the separate validation range
   with `--validation`; settings are chosen there, results reported on the other), and
-  the same budget: `--iterations` and `--minutes` of training wall-clock (evaluation
-  excluded). Seed s gives the same training rooms to every variant;
+  the same budget: `--iterations` and `--minutes` of training time (evaluation
+  excluded), wall-clock or, with `--clock cpu`, each run's own CPU time (the fair
+  measure when other work shares the machine). Seed s gives the same training rooms to
+  every variant;
 - the untrained agent is evaluated once per kind of agent (hierarchical, flat, ...):
   before training every seed of a variant is the same model (LoRA starts at zero) on
   the same rooms, so it is one number, shared;
@@ -116,13 +118,15 @@ def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
 
 
 # -- reading the runs -----------------------------------------------------------------------
-def curve(run: Path, start: dict) -> dict:
-    """Held-out success at each evaluation of one run, with the training resources spent up to it."""
+def curve(run: Path, start: dict, clock: str = "wall") -> dict:
+    """Held-out success at each evaluation of one run, with the training resources spent up to it
+    (`train_s`: training seconds on the run's clock, wall or CPU)."""
     r = RunDir(run, create=False)
     spent = {-1: (0.0, 0, 0)}
     train_s = steps = tokens = 0
+    key = "train_cpu_s" if clock == "cpu" else "train_s"
     for m in r.metrics():
-        train_s, steps, tokens = m.get("train_s", train_s), steps + m.get("env/steps", 0), tokens + m.get("gen/tokens", 0)
+        train_s, steps, tokens = m.get(key, train_s), steps + m.get("env/steps", 0), tokens + m.get("gen/tokens", 0)
         spent[m["iteration"]] = (train_s, steps, tokens)
     evals = [start] + [e for e in r.metrics("eval.jsonl") if e["iteration"] >= 0]
     out: dict = {k: [] for k in ("iteration", "train_s", "env_steps", "gen_tokens", "success", "return",
@@ -189,7 +193,7 @@ def _on_grid(xs: list[float], ys: list[float], grid: list[float]) -> list[float]
     return out
 
 
-def plot(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
+def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str = "wall") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,7 +212,7 @@ def plot(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
             ax.plot(grid, m, color=color, lw=2, label=f"{name} (n={len(runs)})")
             ax.fill_between(grid, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color,
                             alpha=0.2)
-    axes[0].set_xlabel("training wall-clock (min, evaluation excluded)")
+    axes[0].set_xlabel(f"training time (min of {clock}, evaluation excluded)")
     axes[1].set_xlabel("iterations")
     axes[0].set_ylabel("held-out greedy success (mean ± SE over seeds)")
     for ax in axes:
@@ -226,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="himac,flat_grpo", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds, the same for every variant")
     ap.add_argument("--iterations", type=int, default=12, help="iteration budget per run")
-    ap.add_argument("--minutes", type=float, default=0.0, help="training wall-clock budget per run (0: none)")
+    ap.add_argument("--minutes", type=float, default=0.0, help="training time budget per run (0: none)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="what --minutes counts: wall-clock, or the run's CPU time (fair on a machine other work shares)")
     ap.add_argument("--eval-every", type=int, default=3, help="evaluate every this many iterations (0: off)")
     ap.add_argument("--eval-every-minutes", type=float, default=0.0,
                     help="also evaluate at each multiple of this much training time: equal wall-clock points")
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     overrides.update({"iterations": args.iterations, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
                       "eval_every_minutes": args.eval_every_minutes,
-                      "time_budget_s": args.minutes * 60, "eval_offset": VALIDATION_OFFSET if args.validation else 0})
+                      "time_budget_s": args.minutes * 60, "time_clock": args.clock,
+                      "eval_offset": VALIDATION_OFFSET if args.validation else 0})
     threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
     out = Path(args.out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict = {}
     for n in names:
         start = RunDir(out / start_key(n), create=False).metrics("eval.jsonl")[0]
-        curves[n] = {s: curve(out / n / f"seed{s}", start) for s in seeds if (out / n / f"seed{s}" / "bench_done").is_file()}
+        curves[n] = {s: curve(out / n / f"seed{s}", start, args.clock) for s in seeds
+                     if (out / n / f"seed{s}" / "bench_done").is_file()}
     curves = {n: c for n, c in curves.items() if c}
     (out / "curves.json").write_text(json.dumps({"config": args.config, "overrides": overrides, "seeds": seeds,
                                                  "threads": threads, "jobs": args.jobs, "curves": curves}, indent=1))
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{Path(args.config).stem}: {args.eval_episodes} {rooms} rooms, seeds {args.seeds}, "
              + (f"{args.minutes:g} min / " if args.minutes else "") + f"{args.iterations} it per run")
     if curves:
-        plot(curves, out / "learning.png", title)
+        plot(curves, out / "learning.png", title, "CPU time" if args.clock == "cpu" else "wall-clock")
         print(table(summary(curves)))
     print(f"\ncurves: {out / 'curves.json'}\nplot:   {out / 'learning.png'}")
     return 0

@@ -40,7 +40,7 @@ from himac.rundir import CRASH_POINTS, RunDir, read_trainer_state
 FAST = {"model": "tiny", "load_in_4bit": False, "quant_skip_modules": [], "tasks_per_iteration": 2, "group_size": 2,
         "rollouts_per_blueprint": 2, "blueprint_max_tokens": 12, "action_max_tokens": 4, "max_steps": 3,
         "eval_episodes": 2, "eval_every": 2, "iterations": 4, "sample_log": 2}
-TIMING = ("wall_s", "elapsed_s", "train_s", "update_s")
+TIMING = ("wall_s", "cpu_s", "elapsed_s", "train_s", "update_s")
 
 
 def _argv(settings: dict) -> list[str]:

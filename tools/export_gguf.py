@@ -3,7 +3,9 @@
     python tools/export_gguf.py --checkpoint runs/sokoban_cpu-XXXX --out agent.gguf [--quant f16|f32|q8_0|q4_k_m]
         [--base trained|original] [--lora-out agent-lora.gguf] [--no-verify]
 
-The file loads in llama.cpp, llama-cpp-python and ollama (see docs/export.md).
+The file loads in llama.cpp, llama-cpp-python and ollama (see docs/export.md). Beside it go an
+ollama `Modelfile` and `SERVE.md` (server command lines, how the planner's and executor's prompts
+are sent; docs/deploy.md); --no-deploy-files leaves them out.
 With llama-cpp-python installed, the exported tokenizer is checked against the
 training tokenizer on chat prompts holding `<sub_done>` before the command succeeds.
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from himac import export
+from himac import export, quiet
 
 
 def main(argv=None) -> int:
@@ -26,13 +28,21 @@ def main(argv=None) -> int:
                          "or into the unquantised base")
     ap.add_argument("--lora-out", help="also write the adapter alone as a llama.cpp LoRA GGUF")
     ap.add_argument("--no-verify", action="store_true", help="skip the llama.cpp tokenizer check")
+    ap.add_argument("--no-deploy-files", action="store_true", help="write no Modelfile and SERVE.md beside the GGUF")
+    ap.add_argument("--verbose", action="store_true", help="show third-party warnings and progress bars")
     args = ap.parse_args(argv)
+    if not args.verbose:
+        quiet.quiet()
     try:
-        out = export.export_run(args.checkpoint, args.out, args.quant, args.base, args.lora_out)
+        out = export.export_run(args.checkpoint, args.out, args.quant, args.base, args.lora_out,
+                                deploy_files=not args.no_deploy_files)
     except (export.UnsupportedModel, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)" + (f" and {args.lora_out}" if args.lora_out else ""))
+    if not args.no_deploy_files:
+        print(f"wrote {out.parent / 'Modelfile'} (ollama create himac-agent -f {out.parent / 'Modelfile'}) and "
+              f"{out.parent / 'SERVE.md'} (server commands and prompts)")
     if not args.no_verify:
         try:
             bad = export.verify_tokenizer(out, args.checkpoint)
