@@ -9,10 +9,18 @@ training tasks', so "success" here is on rooms never trained on. Env-specific fa
 of each episode (`pool.infos`: Sokoban's optimal move count, an ALFWorld game's
 file) are copied into its record untouched, and the env's own `report` turns them
 into summary numbers (Sokoban's optimality gap).
+
+`open_loop_reference` is the bar a learning curve must clear to show that an agent reads
+its observations: the best *fixed* action sequence (no observation used at all), chosen on
+training rooms and measured on the held-out ones. A policy that collapses onto one
+direction can still score well where such sequences do.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import time
+from typing import Any
 
 from envs import EnvSpec, get_spec
 from envs.seeds import eval_seeds
@@ -119,6 +127,46 @@ def run_evaluation(policy: AgentPolicy, cfg, episodes: int, seed_offset: int = 0
             "perf/generated_tokens": meter.tokens, "perf/prompt_tokens": meter.prompt_tokens,
             "perf/generate_s": meter.seconds,
             "perf/gen_tokens_per_s": meter.tokens / max(meter.seconds, 1e-9), "episodes": records}
+
+
+def open_loop_success(spec: EnvSpec, env_cfg: Any, seeds: list[int], plans: list[tuple]) -> list[float]:
+    """Per plan, the share of `seeds`' episodes it solves played blind, its last action repeated until the episode
+    ends. Each room is generated once (a reset can be slow) and every plan plays on a copy of it."""
+    env = spec.make(env_cfg)
+    solved = [0] * len(plans)
+    try:
+        for seed in seeds:
+            env.reset(seed)
+            for i, plan in enumerate(plans):
+                play = copy.deepcopy(env)
+                t, done, info = 0, False, {}
+                while not done:
+                    _, _, done, info = play.step(plan[min(t, len(plan) - 1)])
+                    t += 1
+                solved[i] += bool(info.get("success"))
+    finally:
+        env.close()
+    return [x / max(len(seeds), 1) for x in solved]
+
+
+def open_loop_reference(spec: EnvSpec, env_cfg: Any, choose_seeds: list[int], seeds: list[int],
+                        length: int = 3) -> dict:
+    """The best constant action and the best fixed sequence of `length` actions (last one repeated), each chosen
+    by its success on `choose_seeds` (ties: the first in order) and reported on `seeds`. Needs a small fixed action
+    set (`spec.actions`, e.g. Sokoban's four directions) and an env that `copy.deepcopy` can copy:
+    |actions|**length sequences are tried."""
+    if not spec.actions:
+        raise ValueError(f"env {spec.name!r} has no fixed action set: an open-loop reference needs one")
+    kinds = {"constant": list(itertools.product(spec.actions, repeat=1)),
+             "sequence": list(itertools.product(spec.actions, repeat=length))}
+    scores = open_loop_success(spec, env_cfg, choose_seeds, kinds["constant"] + kinds["sequence"])  # rooms made once
+    best = {}
+    for kind, plans in kinds.items():
+        mine, scores = scores[:len(plans)], scores[len(plans):]
+        best[kind] = (plans[mine.index(max(mine))], max(mine))
+    held_out = open_loop_success(spec, env_cfg, seeds, [plan for plan, _ in best.values()])
+    return {kind: {"plan": list(plan), "chosen_on": chosen, "success": rate}
+            for (kind, (plan, chosen)), rate in zip(best.items(), held_out)}
 
 
 def format_table(rows: list[list], headers: list[str]) -> str:

@@ -2,7 +2,12 @@
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from envs.base import EnvSpec, Obs
+from himac.evaluation import open_loop_reference
+from tests.helpers import SCRIPTED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "tasks_per_iteration=2", "group_size=2", "rollouts_per_blueprint=2", "blueprint_max_tokens=8",
@@ -12,7 +17,7 @@ TINY = ["model=tiny", "tasks_per_iteration=2", "group_size=2", "rollouts_per_blu
 def test_bench_learning_seeds_variants_and_shared_start(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "tools/bench_learning.py", "--variants", "himac,flat_gigpo", "--seeds", "0,1",
-           "--iterations", "2", "--eval-every", "1", "--eval-episodes", "2", "--jobs", "2", "--out", str(out)]
+           "--iterations", "2", "--eval-every", "1", "--eval-episodes", "2", "--jobs", "2", "--open-loop-rooms", "8", "--out", str(out)]
     for kv in TINY:
         cmd += ["--set", kv]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -46,3 +51,44 @@ def test_bench_learning_rejects_an_unknown_variant():
     proc = subprocess.run([sys.executable, "tools/bench_learning.py", "--variants", "himac,flat_ppo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "flat_ppo" in proc.stderr
+
+
+@dataclass
+class KeyConfig:
+    keys: dict = field(default_factory=dict)  # seed -> the one action sequence that solves its episode
+
+
+class KeyEnv:
+    """Episode `seed` is solved by exactly `keys[seed]`; it ends after that many actions."""
+    task_type = "key"
+
+    def __init__(self, cfg: KeyConfig):
+        self.cfg = cfg
+
+    def reset(self, seed: int) -> Obs:
+        self.need, self.taken = list(self.cfg.keys[seed]), []
+        return Obs(text="")
+
+    def step(self, action):
+        self.taken.append(action)
+        end = len(self.taken) == len(self.need)
+        return Obs(text=""), 0.0, end, {"success": end and self.taken == self.need}
+
+    def close(self):
+        pass
+
+
+def test_open_loop_reference_is_chosen_on_one_set_and_reported_on_the_other():
+    spec = EnvSpec("key", KeyConfig, KeyEnv, lambda text: (text, True), SCRIPTED_PROMPTS, actions=("a", "b"))
+    keys = {0: "ba", 1: "ba", 2: "ba", 3: "ba", 4: "baa", 5: "aa", 6: "aa", 7: "aa",  # choosing rooms
+            10: "aa", 11: "bb", 12: "ba", 13: "bb"}  # held-out rooms
+    ref = open_loop_reference(spec, KeyConfig(keys), choose_seeds=list(range(8)), seeds=[10, 11, 12, 13], length=2)
+    # constants: a solves 5-7 (3/8), b none; sequences: (b, a) with its last action repeated also solves 4 (5/8)
+    assert ref["constant"] == {"plan": ["a"], "chosen_on": 3 / 8, "success": 1 / 4}
+    assert ref["sequence"] == {"plan": ["b", "a"], "chosen_on": 5 / 8, "success": 1 / 4}
+    sokoban_free = EnvSpec("key", KeyConfig, KeyEnv, lambda text: (text, True), SCRIPTED_PROMPTS)
+    try:
+        open_loop_reference(sokoban_free, KeyConfig(keys), [0], [10])
+        raise AssertionError("an env without a fixed action set has no open-loop reference")
+    except ValueError as e:
+        assert "fixed action set" in str(e)

@@ -24,7 +24,12 @@ The protocol:
 - the table gives, per variant, the mean and standard error over seeds of held-out
   success before, at the end, and the gain, with iterations, training time, env steps
   and generated tokens spent, and the executor's action histogram at the end (the
-  largest share one action takes of all answers: collapse shows here).
+  largest share one action takes of all answers: collapse shows here);
+- where the env has a small fixed action set (Sokoban), an open-loop reference on the
+  same held-out rooms: the best constant action and the best fixed 3-action sequence,
+  each played blind (no observation read), chosen on `--open-loop-rooms` training rooms. A curve above
+  the sequence line is an agent that reads its observations; a collapsed agent sits on
+  the constant line.
 
 Writes OUT/<variant>/seed<k>/ (each a full run directory), OUT/<variant>/seed<k>.log,
 OUT/curves.json, OUT/learning.png and prints the table.
@@ -41,9 +46,11 @@ import sys
 import time
 from pathlib import Path
 
-from envs.seeds import VALIDATION_OFFSET
+from envs import get_spec
+from envs.seeds import VALIDATION_OFFSET, eval_seeds, task_seeds
 from himac import config as C
-from himac.experiment import VARIANTS
+from himac.evaluation import open_loop_reference
+from himac.experiment import VARIANTS, load_config
 from himac.rundir import RunDir
 
 EVAL_KEYS = ("hierarchy", "sub_done")  # the variant keys that change what an untrained agent does
@@ -193,7 +200,18 @@ def _on_grid(xs: list[float], ys: list[float], grid: list[float]) -> list[float]
     return out
 
 
-def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str = "wall") -> None:
+def reference(config: str, overrides: dict, episodes: int, offset: int, rooms: int = 256) -> dict | None:
+    """The open-loop reference on the bench's held-out rooms, chosen on `rooms` training rooms (seed 0's first
+    iteration stream), or None for an env without a fixed action set or with rooms = 0."""
+    cfg = load_config(config, overrides)
+    spec = get_spec(cfg.run.env)
+    if not spec.actions or rooms <= 0:
+        return None
+    return open_loop_reference(spec, cfg.env, task_seeds(0, 0, rooms), eval_seeds(episodes, offset))
+
+
+def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str = "wall",
+         ref: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,6 +230,12 @@ def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str 
             ax.plot(grid, m, color=color, lw=2, label=f"{name} (n={len(runs)})")
             ax.fill_between(grid, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color,
                             alpha=0.2)
+    for kind, style in (("sequence", "--"), ("constant", ":")):
+        if ref:
+            label = f"open loop, best {'fixed sequence' if kind == 'sequence' else 'constant'} " \
+                    f"({','.join(ref[kind]['plan'])})"
+            for ax in axes:
+                ax.axhline(ref[kind]["success"], color="grey", ls=style, lw=1.2, label=label if ax is axes[0] else None)
     axes[0].set_xlabel(f"training time (min of {clock}, evaluation excluded)")
     axes[1].set_xlabel("iterations")
     axes[0].set_ylabel("held-out greedy success (mean ± SE over seeds)")
@@ -239,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-episodes", type=int, default=32)
     ap.add_argument("--validation", action="store_true",
                     help="evaluate on the validation range (for choosing settings), not the reporting range")
+    ap.add_argument("--open-loop-rooms", type=int, default=256,
+                    help="training rooms the open-loop reference is chosen on (0: no reference)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=0, help="threads per run (default: 1 if --jobs > 1, else all)")
     ap.add_argument("--out", default=None, help="output directory (default runs/bench-learning-<time>)")
@@ -286,14 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         curves[n] = {s: curve(out / n / f"seed{s}", start, args.clock) for s in seeds
                      if (out / n / f"seed{s}" / "bench_done").is_file()}
     curves = {n: c for n, c in curves.items() if c}
+    offset = overrides["eval_offset"]
+    ref = reference(args.config, overrides, args.eval_episodes, offset, args.open_loop_rooms)
     (out / "curves.json").write_text(json.dumps({"config": args.config, "overrides": overrides, "seeds": seeds,
-                                                 "threads": threads, "jobs": args.jobs, "curves": curves}, indent=1))
+                                                 "threads": threads, "jobs": args.jobs, "open_loop": ref,
+                                                 "curves": curves}, indent=1))
     rooms = "validation" if args.validation else "held-out"
     title = (f"{Path(args.config).stem}: {args.eval_episodes} {rooms} rooms, seeds {args.seeds}, "
              + (f"{args.minutes:g} min / " if args.minutes else "") + f"{args.iterations} it per run")
     if curves:
-        plot(curves, out / "learning.png", title, "CPU time" if args.clock == "cpu" else "wall-clock")
+        plot(curves, out / "learning.png", title, "CPU time" if args.clock == "cpu" else "wall-clock", ref)
         print(table(summary(curves)))
+    if ref:
+        print(f"\nopen-loop reference on the same {args.eval_episodes} rooms (no observation read; chosen on "
+              f"{args.open_loop_rooms} "
+              f"training rooms): best constant {','.join(ref['constant']['plan'])} {ref['constant']['success']:.3f}, "
+              f"best fixed sequence {','.join(ref['sequence']['plan'])} {ref['sequence']['success']:.3f}")
     print(f"\ncurves: {out / 'curves.json'}\nplot:   {out / 'learning.png'}")
     return 0
 
