@@ -14,6 +14,13 @@ throughput, each task its own group):
 pi_ref is the model with its LoRA adapter disabled; pi_old is the policy that
 sampled (see update.py).
 
+Data-parallel (torchrun --nproc_per_node N -m himac.coevolve CONFIG): each rank runs
+Algorithm 1 on its contiguous slice of the B tasks, so every macro and micro group is
+whole on one rank; the update sums Eq. 3's N and the gradient over ranks (update.py),
+metrics come from every rank's raw values, and rank 0 alone writes the run directory.
+With `sampling: keyed` (the default with several ranks) N ranks give what one process
+gives on the same tasks, up to float summation order (himac/distributed.py).
+
 Departures from the paper, deliberate:
 - A greedy rollout is a deterministic function of (task, blueprint), so identical
   blueprints of one task are rolled out once and share the return.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -40,11 +48,12 @@ from tqdm.auto import tqdm
 from envs import get_spec
 from envs.seeds import eval_seeds
 from himac import config as C
+from himac import distributed as dist
 from himac import executor, metrics, models, planner, quiet, reporting
-from himac.evaluation import Metered, evaluate_agent
+from himac.evaluation import Metered, evaluate_agent, summarise
 from himac.experiment import (Config, blueprint_advantages, load_config, sections, trajectory_advantages,
                               without_silent)
-from himac.policy import Policy
+from himac.policy import KeyedSampling, Policy
 from himac.rundir import RunDir, UnsafeCheckpoint, crash_point, read_trainer_state, rng_state, set_rng_state
 from himac.update import ACTION, BLUEPRINT, Optimizers, policy_update
 
@@ -64,12 +73,18 @@ class Trainer:
         self.cfg, self.run = cfg, run
         self.spec = get_spec(cfg.run.env)
         torch.manual_seed(cfg.run.seed)
-        model, tokenizer = models.load(cfg.model, adapter_dir=run.adapter_dir if resume else None)
+        model_cfg = dataclasses.replace(cfg.model, device=dist.device_name(cfg.model.device)) if dist.active() \
+            else cfg.model  # several ranks on CUDA: cuda:LOCAL_RANK each
+        model, tokenizer = models.load(model_cfg, adapter_dir=run.adapter_dir if resume else None)
+        dist.broadcast_params([p for p in model.parameters() if p.requires_grad])  # every rank starts from rank 0's
         self.policy = Policy(model, tokenizer, gen_batch_size=cfg.run.gen_batch_size)
+        self.keyed = cfg.run.sampling == "keyed" or (cfg.run.sampling == "auto" and dist.active())
         self.optimizers = Optimizers(model, cfg.update)
         self.pool = self.spec.pool(cfg.env)
         self._eval_pool = None
         self.start = run.load_trainer_state(self.optimizers) + 1 if resume else 0
+        if dist.active() and not self.keyed:  # one process stream per rank, or every rank would draw alike
+            torch.manual_seed(cfg.run.seed * 7919 + self.start * 104_729 + dist.rank() + 1)
         self.reporter = reporting.Reporters()  # TensorBoard / W&B beside metrics.jsonl (main sets them)
         self.checkpointed: int | None = self.start - 1 if resume else None  # the iteration the checkpoint holds
         self.interrupted = False  # Ctrl-C stopped train()
@@ -83,7 +98,10 @@ class Trainer:
         G, M, B = cfg.planner.group_size, cfg.executor.rollouts_per_blueprint, cfg.run.tasks_per_iteration
         timings: dict = {}
         phase = _Phases(bar)
-        seeds = cfg.run.task_seeds(t)  # line 2: x ~ D
+        mine = dist.split(B)  # this rank's tasks (all of them alone); below, b indexes them and lo + b is global
+        lo, seeds = mine.start, cfg.run.task_seeds(t)[mine.start:mine.stop]  # line 2: x ~ D
+        B_all, B = B, len(seeds)
+        self._key_sampling(t)
 
         # Phase A: macro exploration ------------------------------------------------------
         phase("A: blueprints")
@@ -114,7 +132,8 @@ class Trainer:
             [[a] for a in blueprint_advantages(returns[ok], macro_groups[ok], cfg.update).tolist()],
             [int(macro_groups[i]) for i in ok], ok, [1] * (B * G))
         keep = [i for i in ok if not (cfg.update.drop_zero_variance and int(macro_groups[i]) in silent_a)]
-        rows_a = planner.training_rows([flat_bp[i] for i in keep], [adv_a[i][0] for i in keep])
+        first_a, n_a = dist.offset(len(keep))  # sample ids are global: lower ranks' blueprints come first
+        rows_a = planner.training_rows([flat_bp[i] for i in keep], [adv_a[i][0] for i in keep], first_a)
         m_macro: dict = {}
         if cfg.run.coevolution:
             phase("A: update")
@@ -125,38 +144,43 @@ class Trainer:
         # Phase B: micro adaptation -------------------------------------------------------
         phase("B: rollouts")
         z_star = choose_blueprints(blueprints, returns, cfg.run.blueprint_choice, key=[cfg.run.seed, CHOICE_SALT, t],
-                                   usable=[not c for c in crashed])  # line 11, Eq. 4
+                                   usable=[not c for c in crashed], first=lo)  # line 11, Eq. 4
         episodes_b = [(b, z_star[b].subgoals) for b in sorted(z_star) for _ in range(M)]
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes_b], episodes_b, cfg.executor, greedy=False,
                                     timings=timings)  # line 12
-        rows_b, adv_b, silent_b = self._trajectory_rows(sampled, sample_offset=len(rows_a))  # line 13, per step
+        rows_b, adv_b, silent_b = self._trajectory_rows(sampled, sample_offset=n_a)  # line 13, per step
         m_micro: dict = {}
         phase("B: update")
         if cfg.run.coevolution:
-            if rows_b:
+            if dist.agree(bool(rows_b)):  # any rank's rows: every rank joins the step
                 m_micro = self._update(rows_b, {ACTION})  # line 14
         else:  # w/o co-evolution: one step, both masks, on rollouts of the same starting policy
             m_macro = self._update(rows_a + rows_b, {BLUEPRINT, ACTION})
 
-        m = {"iteration": t,
-             **metrics.blueprints(flat_bp, returns, _flat(adv_a), greedy, success, z_star),
-             "macro/zero_var_groups": len(silent_a) / B,
-             **metrics.trajectories("micro", sampled, _flat(adv_b), hierarchy=True),
-             "micro/zero_var_groups": len(silent_b) / max(len(z_star), 1),
-             **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
-             **metrics.env(greedy + sampled, metrics.ENDS), **metrics.env_report(self.spec, sampled),
-             **metrics.update("macro", m_macro), **metrics.update("micro", m_micro),
-             **metrics.timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
-                              timings.get("generated_tokens", 0.0) + sum(len(z.completion_ids) for z in flat_bp),
-                              m_macro.get("update_s", 0.0) + m_micro.get("update_s", 0.0))}
-        samples = [{"iteration": t, "task": b,
+        samples = [{"iteration": t, "task": lo + b,
                     "blueprints": [{"text": z.text, "valid": z.valid, "return": float(returns[b * G + i])}
                                    for i, z in enumerate(blueprints[b])],
                     "z_star": z_star[b].subgoals if b in z_star else None,
                     "phase_b": _answers(sampled, b)}
-                   for b in range(min(cfg.run.sample_log, B))]
-        return m, samples
+                   for b in range(max(min(cfg.run.sample_log - lo, B), 0))]
+        g = self._gather({"flat_bp": flat_bp, "returns": returns, "adv_a": _flat(adv_a), "greedy": greedy,
+                          "success": success, "z_star": {lo + b: z for b, z in z_star.items()}, "sampled": sampled,
+                          "adv_b": _flat(adv_b), "silent_a": len(silent_a), "silent_b": len(silent_b),
+                          "timings": timings, "m_macro": m_macro, "m_micro": m_micro, "samples": samples})
+        m_macro, m_micro, timings = g["m_macro"], g["m_micro"], g["timings"]
+        m = {"iteration": t,
+             **metrics.blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"], g["z_star"]),
+             "macro/zero_var_groups": g["silent_a"] / B_all,
+             **metrics.trajectories("micro", g["sampled"], g["adv_b"], hierarchy=True),
+             "micro/zero_var_groups": g["silent_b"] / max(len(g["z_star"]), 1),
+             **metrics.actions("micro", [s.move for tr in g["sampled"] for s in tr.steps], self.spec.actions),
+             **metrics.env(g["greedy"] + g["sampled"], metrics.ENDS), **metrics.env_report(self.spec, g["sampled"]),
+             **metrics.update("macro", m_macro), **metrics.update("micro", m_micro),
+             **metrics.timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
+                              timings.get("generated_tokens", 0.0) + sum(len(z.completion_ids) for z in g["flat_bp"]),
+                              m_macro.get("update_s", 0.0) + m_micro.get("update_s", 0.0))}
+        return m, g["samples"]
 
     def flat_iteration(self, t: int, bar=None) -> tuple[dict, list[dict]]:
         """'w/o hierarchy': M flat trajectories per task, group advantages over each task's M, one update."""
@@ -164,7 +188,10 @@ class Trainer:
         M, B = cfg.executor.rollouts_per_blueprint, cfg.run.tasks_per_iteration
         timings: dict = {}
         phase = _Phases(bar)
-        seeds = cfg.run.task_seeds(t)
+        mine = dist.split(B)
+        lo, seeds = mine.start, cfg.run.task_seeds(t)[mine.start:mine.stop]
+        B_all, B = B, len(seeds)
+        self._key_sampling(t)
         phase("flat: rollouts")
         episodes = [(b, []) for b in range(B) for _ in range(M)]
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
@@ -173,17 +200,31 @@ class Trainer:
         rows, adv, silent = self._trajectory_rows(sampled)
         phase("flat: update")
         m_update = self._update(rows, {ACTION})
+        samples = [{"iteration": t, "task": lo + b, "flat": _answers(sampled, b)}
+                   for b in range(max(min(cfg.run.sample_log - lo, B), 0))]
+        g = self._gather({"sampled": sampled, "adv": _flat(adv), "silent": len(silent), "timings": timings,
+                          "m_update": m_update, "samples": samples})
+        sampled, m_update, timings = g["sampled"], g["m_update"], g["timings"]
         m = {"iteration": t, "success_rate": metrics.mean(tr.success for tr in sampled),
              "macro/return_mean": metrics.mean(tr.ret for tr in sampled),  # the progress bar's and plot's "return"
-             **metrics.trajectories("micro", sampled, _flat(adv), hierarchy=False),
-             "micro/zero_var_groups": len(silent) / B,
+             **metrics.trajectories("micro", sampled, g["adv"], hierarchy=False),
+             "micro/zero_var_groups": g["silent"] / B_all,
              **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
              **metrics.env(sampled, metrics.FLAT_ENDS), **metrics.env_report(self.spec, sampled),
              **metrics.update("micro", m_update),
              **metrics.timing(timings, timings.get("generate_s", 0.0), timings.get("generated_tokens", 0.0),
                               m_update.get("update_s", 0.0))}
-        samples = [{"iteration": t, "task": b, "flat": _answers(sampled, b)} for b in range(min(cfg.run.sample_log, B))]
-        return m, samples
+        return m, g["samples"]
+
+    def _key_sampling(self, t: int) -> None:
+        if self.keyed:  # each draw from (seed, t, prompt, occurrence, position): the same on any number of ranks
+            self.policy.sampling = KeyedSampling((self.cfg.run.seed, t))
+
+    def _gather(self, piece: dict) -> dict:
+        """This rank's raw iteration values, combined with every other rank's in task order (alone: as they are)."""
+        if not dist.active():
+            return piece
+        return metrics.combine(dist.all_gather(metrics.light(piece)))
 
     def _advantages(self, per_step: list[list[float]], group: list[int], ok: list[int], steps: list[int]
                     ) -> tuple[list[list[float]], set[int]]:
@@ -205,7 +246,8 @@ class Trainer:
         adv, silent = self._advantages(trajectory_advantages([trajs[i] for i in ok], self.cfg.update),
                                        [trajs[i].task for i in ok], ok, [len(tr.steps) for tr in trajs])
         keep = [i for i in ok if not (self.cfg.update.drop_zero_variance and trajs[i].task in silent)]
-        return executor.training_rows([trajs[i] for i in keep], [adv[i] for i in keep], sample_offset), adv, silent
+        first = sample_offset + dist.offset(len(keep))[0]  # sample ids are global: lower ranks' come first
+        return executor.training_rows([trajs[i] for i in keep], [adv[i] for i in keep], first), adv, silent
 
     def _update(self, rows, kinds: set[int]) -> dict:
         out = policy_update(self.policy, self.optimizers.for_kinds(kinds), rows, self.cfg.update, kinds)
@@ -219,16 +261,24 @@ class Trainer:
     # -- evaluation and the loop --------------------------------------------------------
     def evaluate(self, t: int) -> dict:
         seeds = eval_seeds(self.cfg.run.eval_episodes, self.cfg.run.eval_offset)
+        n = len(seeds)
+        if dist.active():  # each rank plays its share; the episodes are gathered in seed order below
+            seeds = seeds[dist.split(n).start:dist.split(n).stop]
         if self._eval_pool is None:
             self._eval_pool = self.spec.pool(self.cfg.env, evaluation=True)
         label = "before training" if t < 0 else f"after iteration {t}"
         with tqdm(total=len(seeds), desc=f"held-out eval ({label})", unit="ep", leave=False, dynamic_ncols=True,
-                  disable=None) as bar:
-            report = evaluate_agent(Metered(self.policy, bar), self.spec, self._eval_pool, seeds, self.cfg.planner,
-                                    self.cfg.executor, flat=not self.cfg.run.hierarchy)
+                  disable=None if dist.is_main() else True) as bar:
+            report = {"episodes": []}
+            if seeds or not dist.active():
+                report = evaluate_agent(Metered(self.policy, bar), self.spec, self._eval_pool, seeds,
+                                        self.cfg.planner, self.cfg.executor, flat=not self.cfg.run.hierarchy)
             bar.update(len(seeds))
-        tqdm.write(f"himac: held-out {label}: success {report['success_rate']:.3f}, return "
-                   f"{report['return_mean']:.2f} ({len(seeds)} episodes)", file=sys.stderr)
+        if dist.active():
+            report = summarise([e for part in dist.all_gather(report["episodes"]) for e in part], self.spec)
+        if dist.is_main():
+            tqdm.write(f"himac: held-out {label}: success {report['success_rate']:.3f}, return "
+                       f"{report['return_mean']:.2f} ({n} episodes)", file=sys.stderr)
         return {"iteration": t, **{f"eval/{k}": v for k, v in report.items() if k != "episodes"}}
 
     def close(self) -> None:
@@ -256,25 +306,30 @@ class Trainer:
         if evaluating and self.start == 0 and cfg.run.eval_at_start:
             ev = self.evaluate(-1)
             with guard.deferred():
-                run.log(ev, "eval.jsonl")
-                self.reporter.log(ev, step=0)
+                if dist.is_main():
+                    run.log(ev, "eval.jsonl")
+                    self.reporter.log(ev, step=0)
             guard.check()
         bar = tqdm(range(self.start, cfg.run.iterations), desc="co-evolution", unit="it",
-                   initial=self.start, total=cfg.run.iterations, dynamic_ncols=True)
+                   initial=self.start, total=cfg.run.iterations, dynamic_ncols=True, disable=not dist.is_main())
         t_start = time.perf_counter()
         done_before = run.metrics() if self.start else []
         train_s = float(done_before[-1].get("train_s") or 0.0) if done_before else 0.0  # resumed: keep counting
         train_cpu_s = float(done_before[-1].get("train_cpu_s") or 0.0) if done_before else 0.0
+        train_s, train_cpu_s = dist.broadcast((train_s, train_cpu_s))  # rank 0's logs count
         self._nonfinite = self._broken = 0  # iterations in a row with NaN steps / mostly env errors
         try:
             for t in bar:
                 tic, cpu_tic = time.perf_counter(), time.process_time()
                 with tqdm(total=5 if cfg.run.hierarchy else 2, desc=f"iteration {t}", leave=False,
-                          dynamic_ncols=True, disable=None) as inner:
+                          dynamic_ncols=True, disable=None if dist.is_main() else True) as inner:
                     m, samples = self.iteration(t, inner)
                 m["wall_s"] = time.perf_counter() - tic
                 m["cpu_s"] = time.process_time() - cpu_tic  # this process's CPU time: fair under contention
                 m["elapsed_s"] = time.perf_counter() - t_start
+                if dist.active():  # rank 0's clock and every rank's CPU seconds: all take the same time decisions
+                    m["wall_s"], m["elapsed_s"] = dist.broadcast((m["wall_s"], m["elapsed_s"]))
+                    m["cpu_s"] = dist.all_sum([m["cpu_s"]])[0]
                 train_s += m["wall_s"]
                 train_cpu_s += m["cpu_s"]
                 m["train_s"] = train_s  # training wall-clock so far, evaluation excluded
@@ -293,8 +348,9 @@ class Trainer:
                     self._finish(t, m, samples, ev, last, bar)
                 history.append(m)
                 if out_of_time:
-                    bar.write(f"himac: time budget {cfg.run.time_budget_s:.0f}s ({cfg.run.time_clock}) reached "
-                              f"after iteration {t}")
+                    if dist.is_main():
+                        bar.write(f"himac: time budget {cfg.run.time_budget_s:.0f}s ({cfg.run.time_clock}) reached "
+                                  f"after iteration {t}")
                     break
                 guard.check()
         finally:
@@ -304,16 +360,18 @@ class Trainer:
         """Iteration t is done: log it everywhere, stop a run that keeps failing, checkpoint it when due (the last
         iteration, every save_every)."""
         cfg, run = self.cfg, self.run
-        if ev is not None:
-            run.log(ev, "eval.jsonl")
-        run.log(m)
-        for s in samples:
-            run.log(s, "samples.jsonl")
-        self.reporter.log(m, step=t + 1)
+        if dist.is_main():  # every rank holds the same m (gathered); one writes it
+            if ev is not None:
+                run.log(ev, "eval.jsonl")
+            run.log(m)
+            for s in samples:
+                run.log(s, "samples.jsonl")
+            self.reporter.log(m, step=t + 1)
         if m.get("env/end_env_error", 0) > 0.5:
             self._broken += 1
-            bar.write(f"himac: warning: {m['env/end_env_error']:.0%} of iteration {t}'s episodes ended with an env "
-                      "error (see samples.jsonl); they are left out of training")
+            if dist.is_main():
+                bar.write(f"himac: warning: {m['env/end_env_error']:.0%} of iteration {t}'s episodes ended with an "
+                          "env error (see samples.jsonl); they are left out of training")
             if self._broken >= ENV_ERROR_PATIENCE:
                 raise TrainingError(f"most episodes ended with env errors in {self._broken} iterations in a row: the "
                                     f"environment is broken; last checkpoint: {run.checkpoint}")
@@ -340,6 +398,9 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.policy.model.parameters() if p.requires_grad):
             raise TrainingError(f"iteration {t} left non-finite adapter weights; not checkpointed, the last "
                                 f"good checkpoint ({run.checkpoint}) is kept")
+        if not dist.is_main():  # the weights and optimiser state are the same on every rank
+            self.checkpointed, self._snapshot = t, None
+            return
         peft_cfg = getattr(self.policy.model, "peft_config", {}).get("default")
         card = reporting.model_card(run, self.cfg.flat(), t, getattr(peft_cfg, "base_model_name_or_path", None)
                                     or self.cfg.model.model)
@@ -431,13 +492,14 @@ class _Phases:
 
 
 def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str, key: list[int],
-                      usable: list[bool] | None = None) -> dict:
+                      usable: list[bool] | None = None, first: int = 0) -> dict:
     """The blueprint each task's Phase B runs under: {task index: Blueprint}.
 
     'best': z* = argmax_i R(z_i) over the task's valid blueprints, the first on ties
     (Eq. 4). 'random': a uniform pick among the valid ones from a stream seeded by
     `key` + the task index (the ablation). `usable[b * G + i]` False (a rollout the env
     crashed) rules a blueprint out. Tasks with no valid, usable blueprint are absent.
+    `first`: the iteration-wide index of blueprints[0]'s task (a rank's slice), which seeds 'random'.
     """
     out = {}
     for b, group in enumerate(blueprints):
@@ -448,7 +510,7 @@ def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str
         if choice == "best":
             i = max(valid, key=lambda i: (float(returns[b * G + i]), -i))
         else:
-            i = valid[int(np.random.default_rng([*key, b]).integers(len(valid)))]
+            i = valid[int(np.random.default_rng([*key, first + b]).integers(len(valid)))]
         out[b] = group[i]
     return out
 
@@ -538,57 +600,114 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace, started: float)
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if not args.resume and not args.config:
+        ap.error("a config file is required (or --resume DIR)")
+    dist.init()  # under torchrun: join the other ranks (alone: nothing)
     try:
-        overrides = C.parse_overrides(args.overrides)
-        if args.resume:
-            run = RunDir(args.resume, create=False)  # a typo must not create a folder
-            if not run.has_checkpoint():
-                raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (expected checkpoint/trainer.pt)")
-            saved = read_trainer_state(run.checkpoint / "trainer.pt")  # refuses an unsafe or broken file first
+        if dist.active():
+            _stop_on_sigterm()
+        return _train(args, started)
+    except dist.RankLost as e:
+        print(f"error: {e}. The run stopped; its last checkpoint is intact: continue it with --resume "
+              f"(on any number of ranks)", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()
+
+
+def _prepare(args: argparse.Namespace, out: str | None = None, checks: bool = True) -> tuple[Config, RunDir]:
+    """The config and run directory of this start; ConfigError / UnsafeCheckpoint name what is wrong. `out`:
+    rank 0's run directory, for the other ranks, which skip the checks (`checks`) rank 0 made."""
+    overrides = C.parse_overrides(args.overrides)
+    if args.resume:
+        run = RunDir(args.resume, create=False)  # a typo must not create a folder
+        if not run.has_checkpoint():
+            raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (expected checkpoint/trainer.pt)")
+        saved = read_trainer_state(run.checkpoint / "trainer.pt")  # refuses an unsafe or broken file first
+        if checks:
             check_adapter(run)
-            cfg = load_config(args.config, overrides, base=resumed_config(run, saved))
-            check_resume(saved, cfg)
-        else:
-            if not args.config:
-                ap.error("a config file is required (or --resume DIR)")
-            cfg = load_config(args.config, overrides)
-            out = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if out.exists() and not out.is_dir():
-                raise C.ConfigError(f"--out {out} is a file, not a directory")
-            run = RunDir(out, create=False)
-            if run.has_checkpoint():
-                raise C.ConfigError(f"--out {out} already holds a checkpoint; use --resume {out} or another --out")
-            if run.has_logs():
-                raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
-                                    "but no checkpoint; a new run would mix its rows with them: use another --out")
-        models.resolve_device(cfg.model.device)  # 'cuda' on a machine without one fails here, named
-        reporting.check_available(cfg.run.report_to)  # a missing extra fails here, before anything is written
-    except (C.ConfigError, UnsafeCheckpoint) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cfg = load_config(args.config, overrides, base=resumed_config(run, saved))
+        check_resume(saved, cfg)
+    else:
+        cfg = load_config(args.config, overrides)
+        out = Path(out or args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if checks and out.exists() and not out.is_dir():
+            raise C.ConfigError(f"--out {out} is a file, not a directory")
+        run = RunDir(out, create=False)
+        if checks and run.has_checkpoint():
+            raise C.ConfigError(f"--out {out} already holds a checkpoint; use --resume {out} or another --out")
+        if checks and run.has_logs():
+            raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
+                                "but no checkpoint; a new run would mix its rows with them: use another --out")
+    models.resolve_device(dist.device_name(cfg.model.device))  # 'cuda' on a machine without one fails here, named
+    reporting.check_available(cfg.run.report_to)  # a missing extra fails here, before anything is written
+    C.check(cfg.run.tasks_per_iteration >= dist.world(), "tasks_per_iteration", cfg.run.tasks_per_iteration,
+            f"must be >= the number of ranks ({dist.world()}): each rank plays whole tasks")
+    return cfg, run
+
+
+def _train(args: argparse.Namespace, started: float) -> int:
+    main_rank = dist.is_main()
+    error, path = None, None
+    if main_rank:  # rank 0 checks (and may recover) the run directory before any rank reads it
+        try:
+            cfg, run = _prepare(args)
+            path = str(run.path)
+        except (C.ConfigError, UnsafeCheckpoint) as e:
+            error = str(e)
+    error, path = dist.broadcast((error, path))
+    if error is not None:
+        if main_rank:
+            print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.resume:
+    if not main_rank:
+        import warnings
+        warnings.simplefilter("ignore")  # rank 0 has said it
+        cfg, run = _prepare(args, out=path, checks=False)
+    if not args.resume and main_rank:
         run = RunDir(run.path)
     trainer = Trainer(cfg, run, resume=bool(args.resume))
-    run.write_config(cfg.flat())  # only now: a config that failed to load a trainer is never written
-    if args.resume:
-        run.drop_metrics_after(trainer.start - 1)
-    run.write_run_info(cfg.run.seed, str(trainer.policy.device))
-    print(f"himac: run directory {run.path}  (iterations {trainer.start}..{cfg.run.iterations - 1})", file=sys.stderr)
+    if main_rank:
+        run.write_config(cfg.flat())  # only now: a config that failed to load a trainer is never written
+        if args.resume:
+            run.drop_metrics_after(trainer.start - 1)
+        run.write_run_info(cfg.run.seed, str(trainer.policy.device))
+        ranks = f", {dist.world()} ranks" if dist.active() else ""
+        print(f"himac: run directory {run.path}  (iterations {trainer.start}..{cfg.run.iterations - 1}{ranks})",
+              file=sys.stderr)
     try:
-        trainer.reporter = reporting.make_reporters(
-            cfg.run.report_to, run, cfg.flat(), start_step=trainer.start + 1 if args.resume else 0,
-            wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode, quiet=not args.verbose,
-            warn=lambda msg: print(msg, file=sys.stderr))
+        if main_rank:
+            trainer.reporter = reporting.make_reporters(
+                cfg.run.report_to, run, cfg.flat(), start_step=trainer.start + 1 if args.resume else 0,
+                wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode, quiet=not args.verbose,
+                warn=lambda msg: print(msg, file=sys.stderr))
         trainer.train()
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except dist.RankLost as e:
+        print(f"error: {e}. The run stopped; its last checkpoint ({run.checkpoint}) is intact: continue it with "
+              f"--resume {run.path} (on any number of ranks)", file=sys.stderr)
         return 1
     finally:
         trainer.close()
         trainer.reporter.close()
-    print(reporting.run_summary(run, cfg.flat(), time.perf_counter() - started, interrupted=trainer.interrupted,
-                                checkpoint_iteration=trainer.checkpointed, reporters=tuple(cfg.run.report_to)))
+    if main_rank:
+        print(reporting.run_summary(run, cfg.flat(), time.perf_counter() - started, interrupted=trainer.interrupted,
+                                    checkpoint_iteration=trainer.checkpointed, reporters=tuple(cfg.run.report_to)))
     return 130 if trainer.interrupted else 0
+
+
+def _stop_on_sigterm() -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails: say so instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum, frame):
+        raise dist.RankLost(f"rank {dist.rank()} was stopped by the launcher: another rank failed (its exit is in "
+                            "torchrun's report)")
+    signal.signal(signal.SIGTERM, handle)
 
 
 if __name__ == "__main__":

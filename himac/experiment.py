@@ -60,6 +60,11 @@ class RunConfig:
     """What 'training time' counts for time_budget_s and eval_every_minutes: 'wall' (wall-clock) or 'cpu' (the
     trainer process's CPU seconds: on a shared machine, every run gets the same compute whatever else runs;
     on a quiet one with one thread per run it equals wall-clock)."""
+    sampling: str = "auto"
+    """Where sampled tokens draw their randomness: 'global' (the process's torch stream, so a prompt's sample
+    depends on the batch it was generated in), 'keyed' (each draw seeded by seed, iteration, the prompt, its
+    occurrence and the token position: samples do not depend on batching or on the number of data-parallel
+    ranks, and N torchrun ranks give what one process gives) or 'auto' (keyed with several ranks, else global)."""
     hierarchy: bool = True
     """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
     the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
@@ -91,6 +96,8 @@ class RunConfig:
         C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
         C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
         C.check(self.time_clock in ("wall", "cpu"), "time_clock", self.time_clock, "must be 'wall' or 'cpu'")
+        C.check(self.sampling in ("auto", "global", "keyed"), "sampling", self.sampling,
+                "must be 'auto', 'global' or 'keyed'")
         C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
                 "must be 'best' or 'random'")
         bad = [r for r in self.report_to if r not in ("jsonl", "tensorboard", "wandb")]

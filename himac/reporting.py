@@ -221,6 +221,9 @@ def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: 
     else:
         base = f"`{model}` (peft recorded `{base_model}`)."
         load_base = hub or base_model
+    from himac import shapes  # here, not at the top: it imports torch
+    if shapes.is_shape(model):
+        base += f" **{shapes.SHAPE_NOTE}**: an adapter trained on it has learnt nothing usable."
     if config.get("load_in_4bit"):
         base += (" The base was quantised to NF4 (QLoRA) in training; `tools/export_gguf.py --base trained` merges "
                  "into those dequantised weights.")
@@ -314,6 +317,9 @@ def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted:
     lines = [f"himac: {head}: {done} of {total} iterations; this session {_duration(wall_s)}"
              + (f", training {_duration(metrics[-1].get('train_s') or 0.0)} in all" if metrics else "")
              + f"; peak memory {peak_memory()}"]
+    from himac import shapes  # here, not at the top: it imports torch
+    if shapes.is_shape(str(config.get("model", ""))):
+        lines.append(f"  {config['model']}: {shapes.SHAPE_NOTE}")
     before = next((e for e in evals if e.get("iteration", 0) < 0), None)
     after = [e for e in evals if e.get("iteration", -1) >= 0]
     if evals:

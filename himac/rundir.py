@@ -224,9 +224,11 @@ _passed: dict[str, int] = {}
 def crash_point(name: str) -> None:
     """Fault injection for tools/chaos.py: with $HIMAC_CRASH_AT = "NAME" or "NAME:K" the process kills itself
     (SIGKILL, no clean-up, as the OOM killer or a power cut would) the K-th time (default 1st) it passes
-    the point NAME. Unset, this is one dictionary lookup."""
+    the point NAME. Unset, this is one dictionary lookup. With $HIMAC_CRASH_RANK = R, only torchrun's rank R dies."""
     spec = os.environ.get("HIMAC_CRASH_AT")
     if not spec:
+        return
+    if os.environ.get("HIMAC_CRASH_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     target, _, k = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "1")
     if target != name:

@@ -27,6 +27,12 @@ what docs/results.md measured):
 - an early stop of a phase's steps once KL(pi_old || pi) passes `target_kl`.
 A step whose loss or gradient norm is not finite is not taken (`nonfinite_steps`);
 the trainer stops a run that keeps producing them and never checkpoints bad weights.
+
+Data-parallel (torchrun, himac/distributed.py): each rank passes its own rows, whose
+sample ids are global. The step's N (samples, turns or tokens), its mini-batch split,
+its statistics and its gradient are summed over ranks, and every skip or stop is
+agreed, so N ranks take the step one process would take on all the rows. Alone, no
+collective runs and nothing changes.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from typing import Any
 
 import torch
 
+from himac import distributed as dist
 from himac import groups, vision
 from himac.policy import TrainablePolicy
 
@@ -170,15 +177,26 @@ class Optimizers:
             self.by_role[role].load_state_dict(sd)
 
 
-def row_weights(rows: list[Row], kinds: set[int], aggregation: str = "sample") -> torch.Tensor:
-    """(R, C) token weights over the rows of one optimiser step; unselected kinds weigh 0."""
+def _mask(rows: list[Row], kinds: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
     C = max(len(r.completion_ids) for r in rows)
-    mask = torch.zeros(len(rows), C)
+    mask = torch.zeros(len(rows), C)  # (R, C)
     for i, r in enumerate(rows):
         if r.kind in kinds:
             mask[i, :len(r.completion_ids)] = 1
-    samples = torch.tensor([r.sample for r in rows])
-    return groups.token_weights(mask, samples, aggregation)  # (R, C)
+    return mask, torch.tensor([r.sample for r in rows])  # (R, C), (R,)
+
+
+def row_weights(rows: list[Row], kinds: set[int], aggregation: str = "sample", units: int | None = None
+                ) -> torch.Tensor:
+    """(R, C) token weights over the rows of one optimiser step; unselected kinds weigh 0. `units`: the step's
+    N over all ranks (groups.token_weights)."""
+    mask, samples = _mask(rows, kinds)
+    return groups.token_weights(mask, samples, aggregation, units)  # (R, C)
+
+
+def row_units(rows: list[Row], kinds: set[int], aggregation: str = "sample") -> int:
+    """This rank's share of the N that row_weights divides by."""
+    return groups.aggregation_units(*_mask(rows, kinds), aggregation) if rows else 0
 
 
 def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
@@ -200,11 +218,12 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
 
 
-def _split_samples(rows: list[Row], parts: int) -> list[list[Row]]:
-    ids = sorted({r.sample for r in rows})
+def _split_samples(rows: list[Row], parts: int, ids: list[int] | None = None) -> list[list[Row]]:
+    """Rows in `parts` mini-batches of whole samples, in sample-id order; parts with no sample are left out.
+    `ids`: the sample ids of every rank (data-parallel): a part empty here but not elsewhere stays, empty."""
+    ids = sorted({r.sample for r in rows}) if ids is None else ids
     bucket = {s: i * parts // len(ids) for i, s in enumerate(ids)}
-    out = [[r for r in rows if bucket[r.sample] == k] for k in range(parts)]
-    return [part for part in out if part]
+    return [[r for r in rows if bucket[r.sample] == k] for k in sorted(set(bucket.values()))]
 
 
 def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, rows: list[Row],
@@ -216,11 +235,11 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
     update_s; {} when no row is selected.
     """
     rows = [r for r in rows if r.kind in kinds and r.completion_ids]
-    if not rows:
+    if not dist.agree(bool(rows)):  # several ranks: one with no rows still joins the others' steps
         return {}
     t0 = time.perf_counter()
     planned = cfg.ppo_epochs * cfg.mini_batches
-    if cfg.skip_zero_advantage and all(r.advantage == 0 for r in rows):
+    if cfg.skip_zero_advantage and not dist.agree(any(r.advantage != 0 for r in rows)):
         return {"steps": 0.0, "steps_skipped": float(planned), "tokens": 0.0, "update_s": time.perf_counter() - t0}
     policy.model.train()
     old: dict[int, torch.Tensor] = {}
@@ -235,10 +254,12 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
     base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
     totals = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
     tokens, done_steps, stopped, nonfinite = 0.0, 0, False, 0
+    every_id = sorted(set().union(*dist.all_gather({r.sample for r in rows}))) if dist.active() else None
     for _ in range(cfg.ppo_epochs):
-        for part in _split_samples(rows, cfg.mini_batches):
+        for part in _split_samples(rows, cfg.mini_batches, every_id):
             part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
-            weights = row_weights(part, kinds, cfg.loss_aggregation)  # (R, C) fixed before micro-batching
+            units = int(dist.all_sum([row_units(part, kinds, cfg.loss_aggregation)])[0]) if dist.active() else None
+            weights = row_weights(part, kinds, cfg.loss_aggregation, units) if part else None  # (R, C) fixed first
             step = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0}
             n_step = 0.0
             for start in range(0, len(part), cfg.micro_batch_size):
@@ -255,13 +276,18 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
                 for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
                     step[k] += float(stats[k]) * n
                 n_step += n
-            if cfg.target_kl and done_steps and step["approx_kl"] / max(n_step, 1.0) > cfg.target_kl:
+            if dist.active():  # the step's loss and statistics over every rank's rows
+                keys = ("loss", "kl", "approx_kl", "clipfrac", "ratio_mean")
+                *sums, n_step = dist.all_sum([step[k] for k in keys] + [n_step])
+                step = dict(zip(keys, sums))
+            if dist.agree(bool(cfg.target_kl and done_steps and step["approx_kl"] / max(n_step, 1.0) > cfg.target_kl)):
                 optimizer.zero_grad(set_to_none=True)  # pi has moved far enough from pi_old: stop here
                 stopped = True
                 break
             params = [p for g in optimizer.param_groups for p in g["params"]]
+            dist.all_reduce_grads(params)  # one gradient: the clip below sees the sum over ranks
             norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            if not (math.isfinite(norm) and math.isfinite(step["loss"])):
+            if dist.agree(not (math.isfinite(norm) and math.isfinite(step["loss"]))):
                 optimizer.zero_grad(set_to_none=True)  # a NaN/inf loss or gradient: this step is not taken
                 nonfinite += 1
                 continue
@@ -280,7 +306,7 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
         if stopped:
             break
     out = {"loss": totals["loss"] / max(done_steps, 1), "grad_norm": totals["grad_norm"] / max(done_steps, 1),
-           "tokens": float(sum(len(r.completion_ids) for r in rows)), "steps": float(done_steps),
+           "tokens": dist.all_sum([float(sum(len(r.completion_ids) for r in rows))])[0], "steps": float(done_steps),
            "steps_skipped": float(planned - done_steps), "nonfinite_steps": float(nonfinite),
            "update_s": time.perf_counter() - t0}
     for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):

@@ -3,6 +3,8 @@
     python tools/bench_memory.py configs/sokoban_3b.yaml            # the 24 GB GPU setting
     python tools/bench_memory.py configs/sokoban_vl_cpu.yaml        # its CPU twin (tiny-vl)
     python tools/bench_memory.py CONFIG --set micro_batch_size=2 --set gen_batch_size=32
+    python tools/bench_memory.py configs/sokoban_3b.yaml --model shape:qwen2.5-vl-3b-instruct   # no download
+    python tools/bench_memory.py configs/sokoban_1p5b.yaml --model shape:qwen2.5-1.5b-instruct --json out.json
 
 It builds the trainer of CONFIG (model, LoRA, optimiser, env pool) exactly as
 `python -m himac.coevolve` does, runs one iteration (Phase A and Phase B) and prints
@@ -13,10 +15,14 @@ loaded. Where the device is
   and the peak reserved by the caching allocator (what nvidia-smi roughly shows);
 - the CPU: the process's resident-set peak (VmHWM, reset between phases through
   /proc/self/clear_refs), which also counts Python and the libraries (the first row).
+`--model` swaps the config's model, e.g. for a shape model (himac/shapes.py: the hub model's
+exact architecture with random weights, built once into the cache); the report then says
+"shape model: random weights, for measurement only". `--json PATH` also writes the rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -100,19 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--model", help="the model to measure instead of the config's (e.g. shape:qwen2.5-1.5b-instruct)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, C.parse_overrides(args.overrides))
+        overrides = C.parse_overrides(args.overrides)
+        if args.model:
+            overrides["model"] = args.model
+        cfg = load_config(args.config, overrides)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from himac.models import resolve_device
+    from himac.models import SHAPE_NOTE, is_shape, model_path, resolve_device
+    note = f" ({SHAPE_NOTE})" if is_shape(cfg.model.model) else ""
     meter = Meter(resolve_device(cfg.model.device))
+    model_path(cfg.model)  # a shape or embedded model is written into the cache first, outside the rows
     before = meter.now()
+    meter.reset()
     with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
         trainer = Trainer(cfg, RunDir(tmp))
         try:
             loaded = meter.now()
+            load_peak, load_reserved = meter.peak()
+            load_s = time.perf_counter() - tic
             recorder = PhaseRecorder(meter)
             tic = time.perf_counter()
             metrics, _ = trainer.iteration(0, recorder)
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             trainer.close()
 
-    print(f"config {args.config}  model {cfg.model.model}  device {device}  one iteration in {wall:.1f} s")
+    print(f"config {args.config}  model {cfg.model.model}{note}  device {device}  one iteration in {wall:.1f} s")
     print(f"weights as stored {weights / GiB:.2f} GiB (vision tower {vision / GiB:.2f}), "
           f"LoRA {lora / GiB:.3f} GiB; rows {metrics.get('macro/tokens', 0):.0f} blueprint + "
           f"{metrics.get('micro/tokens', 0):.0f} action tokens trained")
@@ -134,11 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| phase | peak {what} GiB | x baseline | reserved GiB | s |")
     print("|---|---|---|---|---|")
     print(f"| before the model (imports) | {before / GiB:.2f} | {before / loaded:.2f} | | |")
+    res = f"{load_reserved / GiB:.2f}" if load_reserved is not None else ""
+    print(f"| loading (model, LoRA, optimiser, envs) | {load_peak / GiB:.2f} | {load_peak / loaded:.2f} | {res} "
+          f"| {load_s:.1f} |")
     print(f"| **baseline: model + LoRA loaded** | {loaded / GiB:.2f} | 1.00 | | |")
     for name, peak, reserved, secs in recorder.rows:
         res = f"{reserved / GiB:.2f}" if reserved is not None else ""
         print(f"| {name} | {peak / GiB:.2f} | {peak / loaded:.2f} | {res} | {secs:.1f} |")
     print(f"| after the iteration (optimiser state held) | {after / GiB:.2f} | {after / loaded:.2f} | | |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "config": args.config, "model": cfg.model.model, "note": SHAPE_NOTE if note else "", "device": device,
+            "measure": what, "load_in_4bit": cfg.model.load_in_4bit, "dtype": cfg.model.dtype, "iteration_s": wall,
+            "imports_gib": before / GiB, "loaded_gib": loaded / GiB, "load_peak_gib": load_peak / GiB,
+            "load_reserved_gib": None if load_reserved is None else load_reserved / GiB, "load_s": load_s,
+            "after_gib": after / GiB, "weights_gib": weights / GiB, "lora_gib": lora / GiB,
+            "phases": [{"phase": n, "peak_gib": pk / GiB, "reserved_gib": None if r is None else r / GiB, "s": sec}
+                       for n, pk, r, sec in recorder.rows]}, indent=1))
     return 0
 
 

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# One GPU check for a bare CUDA machine (issue 14), in under 8 minutes, offline:
+#
+#     bash tools/gpu_check.sh                  # from the repository root or anywhere
+#     GPU_CHECK_OUT=/tmp/gc bash tools/gpu_check.sh
+#
+# 1. the `gpu`-marked tests (python -m pytest -m gpu);
+# 2. one co-evolution iteration of the Qwen2.5-1.5B shape through `python -m himac.coevolve
+#    configs/sokoban_1p5b.yaml`, without and with NF4 (bf16 compute), shortened (below);
+# 3. tools/bench_memory.py on the Qwen2.5-VL-3B shape at configs/sokoban_3b.yaml (NF4, G = M = 8,
+#    8 tasks, 512-token blueprints: the generation batch and the longest update rows of the real
+#    setting; executor actions shortened to 32 tokens and 2 steps to fit the time);
+# then one table: the card (torch.cuda.get_device_name), seconds, peak allocated and reserved.
+# Shape models (himac/shapes.py) are the exact architectures with random weights, written once
+# into $HIMAC_CACHE (1.5B: 3.1 GB, VL-3B: 7.5 GB): shape model: random weights, for measurement only.
+# Random weights never say <|im_end|>, so every generation runs to its token limit: the worst case.
+#
+# Without CUDA it says so and runs the same steps, CPU-sized (one-layer shapes with a 1024-token
+# vocabulary, one task, G = M = 2, a few tokens), and exits 0 if they pass: that checks the script,
+# not a card (about a minute on an idle 2-core machine).
+#
+# A bare CUDA image lacks some of himac's dependencies (gym-sokoban, bitsandbytes, pytest,
+# matplotlib). Wheels in $HIMAC_WHEELS (default .whl/, git-ignored) are installed offline first:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \
+#         -d .whl gym-sokoban==0.0.6 bitsandbytes==0.50.2 pytest pluggy iniconfig pygments packaging  # 44 MB
+# (--no-deps: bitsandbytes would pull torch, gym-sokoban gym and pygame; only gym-sokoban's room
+# generator is used) and carried along with the working tree. Without bitsandbytes the NF4 steps
+# are skipped and the VL-3B bench runs in bf16; without matplotlib (the CLI draws progress.png
+# at its checkpoint) the 1.5B iterations run through tools/bench_memory.py, the same
+# Trainer.iteration without the checkpoint. The table says which.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${GPU_CHECK_OUT:-$(mktemp -d -t himac-gpu-check-XXXXXX)}
+WHEELS=${HIMAC_WHEELS:-.whl}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+mkdir -p "$OUT"
+START=$(date +%s)
+echo "gpu_check: logs and results in $OUT"
+
+# -- what this machine has -------------------------------------------------------
+missing() {  # the distributions among himac's run-time needs that are not importable
+  "$PY" - <<'EOF'
+import importlib.util
+need = {"gym_sokoban": "gym-sokoban", "bitsandbytes": "bitsandbytes", "pytest": "pytest",
+        "matplotlib": "matplotlib", "yaml": "pyyaml", "PIL": "pillow", "tqdm": "tqdm"}
+print(" ".join(dist for mod, dist in need.items() if importlib.util.find_spec(mod) is None))
+EOF
+}
+MISSING=$(missing)
+if [ -n "$MISSING" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  echo "gpu_check: not installed: $MISSING; installing what $WHEELS/ holds, offline"
+  for dist in $MISSING; do
+    nodeps=""; [ "$dist" = gym-sokoban ] && nodeps="--no-deps"
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" $nodeps "$dist" >>"$OUT/pip.log" 2>&1 \
+      || echo "gpu_check: $dist: no usable wheel in $WHEELS/ (see $OUT/pip.log)"
+  done
+  MISSING=$(missing)
+fi
+has() { case " $MISSING " in *" $1 "*) return 1;; *) return 0;; esac; }
+[ -n "$MISSING" ] && echo "gpu_check: still missing: $MISSING"
+if ! has gym-sokoban; then
+  echo "gpu_check: gym-sokoban is missing (Sokoban rooms come from its generator): no step can run"; exit 1
+fi
+
+CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$CUDA" = 1 ]; then
+  CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+  SHAPE_LM="shape:qwen2.5-1.5b-instruct"
+  SHAPE_VL="shape:qwen2.5-vl-3b-instruct"
+  LM_SET="--set tasks_per_iteration=2 --set group_size=4 --set rollouts_per_blueprint=4
+          --set blueprint_max_tokens=128 --set action_max_tokens=32 --set max_steps=4 --set subgoal_step_limit=2"
+  VL_SET="--set tasks_per_iteration=8 --set blueprint_max_tokens=512 --set action_max_tokens=32
+          --set max_steps=2 --set subgoal_step_limit=2"
+else
+  CARD="no CUDA device: CPU fall-back ($(nproc) cores), one-layer shapes, tiny settings: checks the script, not a card"
+  SHAPE_LM="shape:qwen2.5-1.5b-instruct?layers=1&vocab=1024"
+  SHAPE_VL="shape:qwen2.5-vl-3b-instruct?layers=1&vision_layers=1&vocab=1024"
+  TINY="--set device=cpu --set dtype=float32 --set tasks_per_iteration=1 --set group_size=2
+        --set rollouts_per_blueprint=2 --set blueprint_max_tokens=4 --set action_max_tokens=2 --set max_steps=1
+        --set subgoal_step_limit=1 --set micro_batch_size=4 --set gen_batch_size=8"
+  LM_SET=$TINY
+  VL_SET=$TINY
+fi
+echo "gpu_check: $CARD"
+COMMON="--set iterations=1 --set eval_episodes=0"
+
+# -- the steps -------------------------------------------------------------------
+: >"$OUT/steps.tsv"
+step() {  # step NAME HOW -- command...: run it under a time limit, log it, record rc and seconds
+  local name=$1 how=$2; shift 3
+  local t0=$(date +%s) rc
+  echo "gpu_check: $name ..."
+  timeout "$STEP_TIMEOUT" "$@" >"$OUT/$name.log" 2>&1; rc=$?
+  local secs=$(( $(date +%s) - t0 ))
+  printf '%s\t%s\t%s\t%s\n' "$name" "$how" "$rc" "$secs" >>"$OUT/steps.tsv"
+  if [ "$rc" != 0 ]; then echo "gpu_check: $name failed (exit $rc); its last lines:"; tail -n 15 "$OUT/$name.log"; fi
+}
+skip() { printf '%s\t%s\t-\t-\n' "$1" "skipped: $2" >>"$OUT/steps.tsv"; echo "gpu_check: $1 skipped: $2"; }
+
+if has pytest; then
+  step gpu-tests "pytest -m gpu" -- "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/test_*.py)
+else
+  skip gpu-tests "pytest missing"
+fi
+
+for nf4 in false true; do
+  name=lm-1.5b-$([ $nf4 = true ] && echo nf4 || echo bf16)
+  if [ $nf4 = true ] && ! has bitsandbytes; then skip "$name" "bitsandbytes missing"; continue; fi
+  if has matplotlib; then
+    step "$name" "himac.coevolve" -- "$PY" -m himac.coevolve configs/sokoban_1p5b.yaml --out "$OUT/run-$name" \
+      --set model="$SHAPE_LM" --set load_in_4bit=$nf4 $COMMON $LM_SET
+  else
+    step "$name" "bench_memory (no matplotlib)" -- "$PY" tools/bench_memory.py configs/sokoban_1p5b.yaml \
+      --model "$SHAPE_LM" --set load_in_4bit=$nf4 --json "$OUT/$name.json" $COMMON $LM_SET
+  fi
+done
+
+VL_NF4=true; has bitsandbytes || VL_NF4=false
+step vl-3b-$([ $VL_NF4 = true ] && echo nf4 || echo bf16) "bench_memory" -- "$PY" tools/bench_memory.py \
+  configs/sokoban_3b.yaml --model "$SHAPE_VL" --set load_in_4bit=$VL_NF4 --json "$OUT/vl-3b.json" $COMMON $VL_SET
+
+# -- one table -------------------------------------------------------------------
+TOTAL=$(( $(date +%s) - START ))
+"$PY" - "$OUT" "$CARD" "$SHAPE_LM" "$SHAPE_VL" "$TOTAL" "$CUDA" <<'EOF'
+import json, re, sys
+from pathlib import Path
+out, card, lm, vl, total, cuda = Path(sys.argv[1]), *sys.argv[2:5], int(sys.argv[5]), sys.argv[6] == "1"
+mem = "allocated" if cuda else "resident (RSS)"
+print(f"\n## himac GPU check: {card}\n")
+print("shape model: random weights, for measurement only")
+print(f"1.5B: {lm}; VL-3B: {vl}; total {total} s (target: under 480 s)\n")
+print(f"| step | how | result | step s | iteration s | peak {mem} GiB | peak reserved GiB |")
+print("|---|---|---|---|---|---|---|")
+bad = 0
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, how, rc, secs = line.split("\t")
+    it = peak = reserved = ""
+    log = out / f"{name}.log"
+    if rc not in ("0", "-"):
+        bad += 1
+    result = "skipped" if rc == "-" else ("ok" if rc == "0" else f"FAILED (exit {rc})")
+    if name == "gpu-tests" and log.is_file():
+        tail = log.read_text().strip().splitlines()
+        result += f": {tail[-1].strip('= ')}" if tail else ""
+    js = out / ("vl-3b.json" if name.startswith("vl-3b") else f"{name}.json")
+    if rc == "0" and js.is_file():  # bench_memory's rows
+        r = json.loads(js.read_text())
+        phases = r["phases"]
+        it = f"{r['iteration_s']:.1f}"
+        peak = f"{max([r['load_peak_gib']] + [p['peak_gib'] for p in phases]):.2f}"
+        res = [x for x in [r["load_reserved_gib"]] + [p["reserved_gib"] for p in phases] if x is not None]
+        reserved = f"{max(res):.2f}" if res else ""
+    elif rc == "0" and (out / f"run-{name}" / "metrics.jsonl").is_file():  # the CLI's run directory and summary
+        rows = [json.loads(x) for x in (out / f"run-{name}" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        it = f"{rows[-1]['wall_s']:.1f}" if rows and "wall_s" in rows[-1] else ""
+        m = re.search(r"peak memory ([\d.]+) GiB RSS(?:, ([\d.]+) GiB CUDA allocated)?", log.read_text())
+        peak = (m.group(2) if cuda else m.group(1)) or "" if m else ""
+    print(f"| {name} | {how} | {result} | {secs} | {it} | {peak} | {reserved} |")
+js = out / "vl-3b.json"
+if js.is_file():
+    r = json.loads(js.read_text())
+    print(f"\nVL-3B shape per phase ({r['device']}, load_in_4bit {r['load_in_4bit']}, {r['dtype']}; "
+          f"weights {r['weights_gib']:.2f} GiB, LoRA {r['lora_gib']:.3f} GiB):\n")
+    print(f"| phase | peak {mem} GiB | peak reserved GiB | s |\n|---|---|---|---|")
+    fmt = lambda x: "" if x is None else f"{x:.2f}"
+    print(f"| loading | {fmt(r['load_peak_gib'])} | {fmt(r['load_reserved_gib'])} | {r['load_s']:.1f} |")
+    for p in r["phases"]:
+        print(f"| {p['phase']} | {fmt(p['peak_gib'])} | {fmt(p['reserved_gib'])} | {p['s']:.1f} |")
+sys.exit(1 if bad else 0)
+EOF
