@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import random
 import re
@@ -56,7 +55,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.base import EnvSpec, Obs, Prompts, SerialPool, check
+from envs.base import EnvSpec, Obs, Prompts, SerialPool, absent, check
 from envs.cache import atomic_dir, cache_dir
 from envs.seeds import eval_seeds
 
@@ -285,17 +284,11 @@ def split_intro(text: str) -> tuple[str, str]:
 
 def require_alfworld() -> None:
     """An ImportError that says what to install, before anything else can fail for want of it."""
-    missing = [m for m in ("alfworld", "textworld", "fast_downward") if _absent(m)]
+    missing = [m for m in ("alfworld", "textworld", "fast_downward") if absent(m)]
     if missing:
         raise ImportError(f"the alfworld env needs {missing}: pip install -e '.[alfworld]' "
                           f"(alfworld>=0.4.2 brings textworld and fast-downward)")
 
-
-def _absent(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except ValueError:  # sys.modules[module] is None: imports of it are blocked
-        return True
 
 
 def _commands(state) -> list[str]:

@@ -23,6 +23,7 @@ This package imports nothing of himac.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -177,3 +178,12 @@ class _FailedEnv:
 
     def close(self) -> None:
         pass
+
+
+def absent(module: str) -> bool:
+    """True when `module` cannot be imported here (not installed, or its imports blocked), without importing it:
+    the optional envs check their extras with it before anything fails for want of them."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # sys.modules[module] is None: imports of it are blocked
+        return True

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from envs.base import absent
 from envs.cache import cache_dir
 
 SEARCH_RETURN_N = 50  # results kept per search (the original's SEARCH_RETURN_N)
@@ -64,17 +64,11 @@ class DataError(FileNotFoundError):
 
 def require_webshop() -> None:
     """An ImportError that says what to install, before anything else fails for want of it."""
-    missing = [m for m in ("bm25s", "Stemmer", "thefuzz") if _absent(m)]
+    missing = [m for m in ("bm25s", "Stemmer", "thefuzz") if absent(m)]
     if missing:
         raise ImportError(f"the webshop env needs {missing}: pip install -e '.[webshop]' "
                           f"(bm25s, PyStemmer, thefuzz)")
 
-
-def _absent(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except ValueError:  # sys.modules[module] is None: imports of it are blocked
-        return True
 
 
 def data_root(path: str) -> Path:
@@ -257,7 +251,7 @@ def title_nouns(root: Path, names: list[str]) -> dict[str, list[str]]:
     cached = cache_dir() / "webshop" / f"title_nouns-{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    if _absent("spacy"):
+    if absent("spacy"):
         raise DataError(f"no title_nouns.json in {root}, and spaCy is not installed to compute it: copy "
                         f"title_nouns.json from this project's ../shared/data/webshop, or pip install spacy && "
                         f"python -m spacy download en_core_web_sm")

@@ -106,21 +106,22 @@ def _guard(fn, *args, **kwargs):
                        "another rank died or hung") from None
 
 
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sums over ranks, in float64 (counts stay exact)."""
+def _all_reduce(values: list[float], op) -> list[float]:
     if not active():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=_device())
-    _guard(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+    _guard(dist.all_reduce, t, op=op)
     return t.tolist()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over ranks, in float64 (counts stay exact)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_max(values: list[float]) -> list[float]:
-    if not active():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
-    _guard(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    """Element-wise maxima over ranks."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def agree(flag: bool) -> bool:
