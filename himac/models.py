@@ -74,6 +74,12 @@ class ModelConfig:
     """peft target_modules; ['all-linear'] adapts every linear layer but the head."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
+    upcast_unquantised: bool = False
+    """Under load_in_4bit, keep peft's float32 upcast of the weights it leaves unquantised (embeddings,
+    tied head, norms, a VL vision tower). That makes every activation float32: the residual stream,
+    each projection's output and the attention, so prefill and update activations take twice the
+    memory of bf16 (the VL-3B shape's rollouts: measured in docs/shapes.md). false (default) casts
+    them back to `dtype`; a no-op when dtype is float32."""
     tiny_hidden: int = 64
     """Width of the 'tiny' test model (ignored for real models)."""
     tiny_seed: int = 0
@@ -173,6 +179,21 @@ def _no_cpu_inference_repacking(model) -> None:
 
 
 
+def _cast_unquantised(model, dtype: torch.dtype) -> None:
+    """Undo peft's k-bit preparation upcast: every float32 weight (no LoRA exists yet) back to `dtype`.
+
+    prepare_model_for_kbit_training casts all non-4-bit parameters to float32. An fp32 embedding
+    makes the residual stream fp32; fp32 RMSNorm weights promote each norm's output to fp32 again;
+    bitsandbytes returns its output in its input's dtype, so every activation of the model, the
+    attention included, would be float32 although the user asked for `dtype`.
+    """
+    if dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+
+
 def _vision_tower(model) -> torch.nn.Module:
     towers = [m for name, m in model.named_modules() if name.split(".")[-1] == "visual"]
     if len(towers) != 1:
@@ -218,7 +239,9 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        if is_vl:  # peft upcast the (frozen, unquantised) vision tower to float32: undo it
+        if not cfg.upcast_unquantised:
+            _cast_unquantised(model, dtype)
+        elif is_vl:  # the (frozen, unquantised) vision tower stays in dtype either way
             _vision_tower(model).to(dtype)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

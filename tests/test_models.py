@@ -58,6 +58,32 @@ def test_4bit_lora_forward_and_backward_on_cpu():
     assert 1 <= len(out[0].ids) <= 4
 
 
+@pytest.mark.parametrize("upcast", [False, True])
+def test_4bit_bf16_activations_stay_bf16_unless_upcast_asked(upcast):
+    """peft's k-bit preparation upcasts the unquantised weights (embeddings, norms) to float32, which
+    turns every activation float32. By default they go back to `dtype`: the hidden states, each
+    projection's output and the logits are bf16, LoRA weights alone stay float32, and the adapter
+    still gets finite gradients."""
+    cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True, dtype="bfloat16", lora_r=4, lora_alpha=8,
+                      upcast_unquantised=upcast)
+    model, tok = models.load(cfg)
+    seen = {}
+    for name, module in model.named_modules():
+        if name.endswith(("layers.0.mlp.gate_proj.base_layer", "layers.0.post_attention_layernorm", "lm_head")):
+            module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name.split(".")[-1], o.dtype))
+    policy = Policy(model, tok)
+    prompt = policy.encode([{"role": "user", "content": "Which way?"}], "Direction:")
+    logp, _ = policy.logprobs([prompt], [tok.encode(" up", add_special_tokens=False)])
+    (-logp.sum()).backward()
+    want = torch.float32 if upcast else torch.bfloat16
+    assert seen == {"base_layer": want, "post_attention_layernorm": want, "lm_head": want}
+    f32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    if not upcast:
+        assert f32 and all("lora_" in n for n in f32)
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_quant_skip_modules_stay_full_precision():
     import bitsandbytes as bnb
     cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True,
