@@ -70,7 +70,8 @@ class ExecutorConfig:
     history_window: int = 4
     """Most recent steps of the current segment shown to the executor."""
     max_prompt_tokens: int = 0
-    """Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit. 0: none."""
+    """Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit, then the
+    active sub-goal's text is cut. 0: none."""
     sub_done: bool = True
     """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
     subgoal_overrun: str = "halt"
@@ -222,21 +223,31 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
 
 def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig,
             flat: bool = False) -> tuple[list[int], vision.Pixels | None]:
-    """This turn's prompt ids (and the current frame's pixels, if the obs has an image); the oldest
-    steps of the segment go first if over max_prompt_tokens."""
+    """This turn's prompt ids (and the current frame's pixels, if the obs has an image). Over
+    max_prompt_tokens, the oldest steps of the segment go first; then the active sub-goal's text is
+    cut from its end (a blueprint line can be as long as blueprint_max_tokens, and a sampled one
+    that never breaks its line is one sub-goal of all of them)."""
     history = x.history[-cfg.history_window:] if cfg.history_window else []
     frames = vision.frames(x.obs)  # the executor sees the current frame
+    subgoals = list(x.traj.subgoals)
     while True:
         if flat:
             ids, px = policy.encode_images(build_flat_messages(prompts, task, history, x.obs), prompts.flat_prefix,
                                            frames)
         else:
             ids, px = policy.encode_images(
-                build_messages(prompts, task, x.traj.subgoals, x.k, history, x.obs, cfg.sub_done),
+                build_messages(prompts, task, subgoals, x.k, history, x.obs, cfg.sub_done),
                 prompts.executor_prefix, frames)
-        if not cfg.max_prompt_tokens or len(ids) <= cfg.max_prompt_tokens or not history:
+        excess = len(ids) - cfg.max_prompt_tokens
+        if not cfg.max_prompt_tokens or excess <= 0:
             return ids, px
-        history = history[1:]
+        if history:
+            history = history[1:]
+            continue
+        goal = [] if flat else policy.tokenizer.encode(subgoals[x.k], add_special_tokens=False)
+        if len(goal) <= 1:  # nothing left to cut: the rest of the prompt alone is over the budget
+            return ids, px
+        subgoals[x.k] = policy.tokenizer.decode(goal[:max(len(goal) - excess, 1)])
 
 
 def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: dict, cfg: ExecutorConfig,

@@ -161,6 +161,21 @@ def test_prompt_budget_drops_the_oldest_segment_steps(tiny_tokenizer):
     assert t.success
 
 
+def test_prompt_budget_cuts_a_long_subgoal_once_no_steps_are_left_to_drop(tiny_tokenizer):
+    """A sampled blueprint that never breaks its line is one sub-goal of blueprint_max_tokens: the
+    executor's prompt must still keep to max_prompt_tokens (the memory budget assumes it)."""
+    long_goal = "push the box " + " ".join(f"word{i}" for i in range(300))
+    (_, policy, _) = run(tiny_tokenizer, {4: ["a", "win"]}, ExecutorConfig(), subgoals=[long_goal, "y"])
+    n_unbounded = len(tiny_tokenizer.encode(policy.prompts[0], add_special_tokens=False))
+    budget = n_unbounded - 200
+    (t,), policy, _ = run(tiny_tokenizer, {4: ["a", "win"]}, ExecutorConfig(max_prompt_tokens=budget),
+                          subgoals=[long_goal, "y"])
+    assert all(len(tiny_tokenizer.encode(p, add_special_tokens=False)) <= budget for p in policy.prompts)
+    assert "Sub-goal 1/2: push the box word0" in policy.prompts[0]  # cut from its end
+    assert "word299" not in policy.prompts[0] and t.subgoals[0] == long_goal  # the blueprint itself is kept
+    assert t.success
+
+
 def test_sub_done_wins_over_an_action_word_in_the_same_answer(tiny_tokenizer):
     action, done, valid = executor.parse_output("Answer: a <sub_done>", lambda t: ("a", True))
     assert done and valid and action is None
