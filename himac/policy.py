@@ -137,6 +137,8 @@ class Policy:
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = sorted({tokenizer.eos_token_id, *self._config_eos()})
         self._newline_ids: list[int] | None = None
+        # pi is the model restricted to the tokens it may write: never an image/video marker (VL models)
+        self.banned_ids = vision.placeholder_ids(model)
         self.sampling: KeyedSampling | None = None  # None: the process's random stream
 
     @property
@@ -208,7 +210,7 @@ class Policy:
             top_p=1.0 if temperature > 0 else None, eos_token_id=sorted(stop), pad_token_id=self.pad_id,
             # generate() fills every unset field from the model's hub generation config, which for
             # Qwen2.5(-VL) instruct models holds repetition_penalty 1.05-1.1: pi must stay pi.
-            repetition_penalty=1.0)
+            repetition_penalty=1.0, suppress_tokens=self.banned_ids or None)
         keys = self.sampling.row_keys(prompts) if temperature > 0 and self.sampling is not None else None
         if keys is not None:  # greedy over the one token each row's own stream drew
             gen_cfg.do_sample, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p = False, None, None, None
@@ -271,6 +273,8 @@ class Policy:
         logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], logits_to_keep=C, use_cache=False,
                             **extra).logits
         logits = logits.float()  # (R, C, V)
+        if self.banned_ids:  # the same support as generate(): markers are never written
+            logits = logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), float("-inf"))
         if temperatures is not None:
             logits = logits / temperatures.to(logits.device)[:, None, None]
         targets = ids[:, P:]  # (R, C)

@@ -46,6 +46,20 @@ def is_vision_model(model) -> bool:
     return getattr(model.config, "vision_config", None) is not None
 
 
+def placeholder_ids(model) -> list[int]:
+    """The ids a vision-language model reads as image/video markers (`image_token_id`, `video_token_id`,
+    `vision_start_token_id`, `vision_end_token_id`); [] for a text model.
+
+    The policy never samples them: a completion holding one `<|image_pad|>` makes the update's forward
+    count more image tokens than image features and stop ("Image features and image tokens do not
+    match"). A random-weight shape model samples each with probability ~1/152k a token, so a 64 x
+    512-token blueprint batch holds one about every other iteration."""
+    if not is_vision_model(model):
+        return []
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({i for i in (getattr(model.config, n, None) for n in names) if i is not None})
+
+
 def load_image_processor(path: str):
     """The slow (PIL) Qwen2-VL image processor: it needs no torchvision."""
     try:

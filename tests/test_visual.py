@@ -144,6 +144,34 @@ def test_update_scores_what_generation_produced(vl_policy):
         assert logits[i, :len(o.ids)].argmax(-1).tolist() == o.ids
 
 
+def test_image_markers_are_never_written_and_the_update_runs_on_what_was(vl_policy):
+    """A completion holding an <|image_pad|> breaks the update's forward (more image tokens than
+    features). The policy's support leaves out the markers in generation and in the update alike."""
+    a, pa = vl_policy.encode_images(MESSAGES, "Direction:", [frame(ROOMS[1])])
+    cfg = vl_policy.model.config
+    markers = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    assert vl_policy.banned_ids == sorted(markers)
+
+    def favour_markers(module, inputs, output):  # a model that would rather write a marker than anything
+        return output.index_add(-1, torch.tensor(markers), torch.full(output.shape[:-1] + (4,), 1e4))
+    handle = vl_policy.model.get_output_embeddings().register_forward_hook(favour_markers)
+    banned, vl_policy.banned_ids = vl_policy.banned_ids, []
+    try:
+        unguarded = vl_policy.generate([a], 4, 0.0, images=[pa])[0].ids
+        vl_policy.banned_ids = banned
+        greedy = vl_policy.generate([a], 4, 0.0, images=[pa])[0].ids
+        sampled = vl_policy.generate([a, a], 4, 1.0, images=[pa, pa])
+        logp, mask = vl_policy.logprobs([a], [greedy], images=[pa])
+    finally:
+        handle.remove()
+        vl_policy.banned_ids = banned
+    assert set(unguarded) & set(markers)  # the hook works: unguarded, the policy writes markers
+    written = set(greedy) | {t for o in sampled for t in o.ids}
+    assert not written & set(markers)
+    # scored over the same support: with the markers in, each token would score about -1e4
+    assert (logp[mask.bool()] > -50).all()
+
+
 def test_lora_on_the_language_model_only_and_the_vision_tower_frozen_and_unquantised():
     import bitsandbytes as bnb
     model, _ = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, lora_alpha=16, load_in_4bit=True,
