@@ -30,6 +30,8 @@
 # Trainer.iteration without the checkpoint. The table says which.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+# tools/*.py import himac from the checkout: a bare machine has not pip-installed it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 OUT=${GPU_CHECK_OUT:-$(mktemp -d -t himac-gpu-check-XXXXXX)}
 WHEELS=${HIMAC_WHEELS:-.whl}
