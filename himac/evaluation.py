@@ -55,7 +55,34 @@ def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], p
             "env_steps": t.env_steps if t else 0, "end": t.end if t else "invalid_blueprint",
             "actions": [s.text.strip() for s in t.steps] if t else [], "moves": [s.move for s in t.steps] if t else [],
             **infos[i], **(t.episode if t else {})})
+    if spec.rule is not None and spec.actions and getattr(pool, "cfg", None) is not None:
+        mark_rule_agreement(spec, pool.cfg, episodes)
     return {**summarise(episodes, spec), "episodes": episodes}
+
+
+def mark_rule_agreement(spec: EnvSpec, env_cfg: Any, episodes: list[dict]) -> None:
+    """Add to each episode `rule_moves` (its env moves) and `rule_agree` (how many of them the env's reading
+    rule, `spec.rule`, would also have made in that state), replaying its moves in a fresh env.
+
+    Success only moves once a whole room is solved; this says whether the agent's single moves go where the
+    observation points (Sokoban: toward the box) long before that: ~1/|actions| for a policy that ignores
+    the observation, the share of a constant direction's states for a collapsed one.
+    """
+    env = spec.make(env_cfg)
+    try:
+        for e in episodes:
+            moves = [m for m in e["moves"] if m in spec.actions]  # <sub_done> and invalid answers move nothing
+            e["rule_moves"], e["rule_agree"] = len(moves), 0
+            if not moves:
+                continue
+            env.reset(e["seed"])
+            for m in moves:
+                e["rule_agree"] += spec.rule(env) == m
+                _, _, done, _ = env.step(m)
+                if done:
+                    break
+    finally:
+        env.close()
 
 
 def summarise(episodes: list[dict], spec: EnvSpec) -> dict:
@@ -71,6 +98,9 @@ def summarise(episodes: list[dict], spec: EnvSpec) -> dict:
         report[f"success_rate/{tt}"] = sum(e["success"] for e in sub) / len(sub)
         report[f"return_mean/{tt}"] = sum(e["return"] for e in sub) / len(sub)
     report.update(metrics.actions("", [mv for e in episodes for mv in e["moves"]], spec.actions))
+    moves = sum(e.get("rule_moves", 0) for e in episodes)
+    if moves:  # the share of moves the reading rule agrees with (mark_rule_agreement)
+        report["rule_agreement"] = sum(e.get("rule_agree", 0) for e in episodes) / moves
     if spec.report is not None:
         report.update(spec.report(episodes))
     return report

@@ -116,3 +116,37 @@ def test_sokoban_toward_box_rule_solves_the_rooms_in_line_and_no_others():
         while not done:
             _, _, done, info = env.step(spec.rule(env))
         assert info["success"] == solvable, room
+
+
+def test_rule_agreement_counts_the_moves_the_reading_rule_would_also_make():
+    """Each held-out episode's env moves are replayed and scored against the reading rule in the state each was
+    made in: the rule's own play agrees on every move; answers that moved nothing are not counted."""
+    from envs import get_spec
+    from envs.sokoban import SokobanConfig
+    from himac.evaluation import mark_rule_agreement, summarise
+    from himac.executor import INVALID, SUB_DONE
+    spec = get_spec("sokoban")
+    cfg = SokobanConfig(room_size=7, min_solution_moves=2, max_solution_moves=4, max_steps=6)
+    env = spec.make(cfg)
+    ruled = []
+    for seed in range(4):
+        env.reset(seed)
+        moves, done = [], False
+        while not done:
+            moves.append(spec.rule(env))
+            _, _, done, _ = env.step(moves[-1])
+        ruled.append({"seed": seed, "moves": moves})
+    blind = [{"seed": seed, "moves": [SUB_DONE, INVALID] + ["up"] * 6} for seed in range(4)]
+    # seed 3: the box 2 right in the player's row ("right"); after a step up it lies down-right ("down"):
+    # the state before each move decides, so the step back down agrees and the step up does not
+    turn = {"seed": 3, "moves": ["up", "down"]}
+    episodes = ruled + blind + [turn]
+    mark_rule_agreement(spec, cfg, episodes)
+    assert all(e["rule_agree"] == e["rule_moves"] == len(e["moves"]) for e in ruled)
+    assert (turn["rule_agree"], turn["rule_moves"]) == (1, 2)
+    assert all(e["rule_moves"] <= 6 and e["rule_agree"] <= e["rule_moves"] for e in blind)
+    assert sum(e["rule_agree"] for e in blind) < sum(e["rule_moves"] for e in blind)  # "up" is not always right
+    for e in episodes:
+        e.update(task_type="sokoban", success=False, valid_blueprint=True, **{"return": 0.0})
+    agree = sum(e["rule_agree"] for e in episodes) / sum(e["rule_moves"] for e in episodes)
+    assert summarise(episodes, spec)["rule_agreement"] == agree

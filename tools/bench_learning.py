@@ -137,7 +137,7 @@ def curve(run: Path, start: dict, clock: str = "wall") -> dict:
         spent[m["iteration"]] = (train_s, steps, tokens)
     evals = [start] + [e for e in r.metrics("eval.jsonl") if e["iteration"] >= 0]
     out: dict = {k: [] for k in ("iteration", "train_s", "env_steps", "gen_tokens", "success", "return",
-                                 "action_top_share")}
+                                 "action_top_share", "rule_agreement")}
     for ev in evals:
         s, n, k = spent.get(ev["iteration"], (float("nan"), 0, 0))
         out["iteration"].append(ev["iteration"] + 1)  # iterations completed (0 = before training)
@@ -147,6 +147,7 @@ def curve(run: Path, start: dict, clock: str = "wall") -> dict:
         out["success"].append(ev["eval/success_rate"])
         out["return"].append(ev["eval/return_mean"])
         out["action_top_share"].append(ev.get("eval/action_top_share", float("nan")))
+        out["rule_agreement"].append(ev.get("eval/rule_agreement", float("nan")))
     return out
 
 
@@ -171,15 +172,16 @@ def summary(curves: dict[str, dict[str, dict]]) -> list[list]:
         rows.append([name, len(runs), start[0], *final, *gain, best[0],
                      mean_se([c["iteration"][-1] for c in runs])[0], mean_se([c["train_s"][-1] / 60 for c in runs])[0],
                      mean_se([c["env_steps"][-1] for c in runs])[0], mean_se([c["gen_tokens"][-1] for c in runs])[0],
-                     max((c["action_top_share"][-1] for c in runs), default=float("nan"))])
+                     max((c["action_top_share"][-1] for c in runs), default=float("nan")),
+                     mean_se([c.get("rule_agreement", [float("nan")])[-1] for c in runs])[0]])
     return rows
 
 
 def table(rows: list[list]) -> str:
     head = ["variant", "seeds", "success@0", "final", "+-SE", "gain", "+-SE", "best", "iters", "train min",
-            "env steps", "gen tokens", "top action (max)"]
+            "env steps", "gen tokens", "top action (max)", "rule agrees"]
     fmt = [str, str, *[lambda v: f"{v:.3f}"] * 6, lambda v: f"{v:.1f}", lambda v: f"{v:.1f}",
-           lambda v: f"{v:.0f}", lambda v: f"{v:.0f}", lambda v: f"{v:.2f}"]
+           lambda v: f"{v:.0f}", lambda v: f"{v:.0f}", lambda v: f"{v:.2f}", lambda v: f"{v:.2f}"]
     cells = [head] + [[f(v) for f, v in zip(fmt, r)] for r in rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width))) for r in cells]
