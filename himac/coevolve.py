@@ -570,6 +570,7 @@ def _answers(trajs: list[executor.Trajectory], task: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    models.cuda_allocator_default()
     ap = argparse.ArgumentParser(prog="python -m himac.coevolve", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", help="flat YAML config (not needed with --resume)")
     ap.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")

@@ -34,6 +34,7 @@ import torch
 from himac import config as C
 from himac.coevolve import Trainer
 from himac.experiment import load_config
+from himac.models import cuda_allocator_default
 from himac.rundir import RunDir
 
 GiB = 2 ** 30
@@ -103,6 +104,7 @@ def model_bytes(model) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    alloc = cuda_allocator_default()  # as python -m himac.coevolve runs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             weights, vision, lora = model_bytes(trainer.policy.model)
             device = str(trainer.policy.device)
             if meter.cuda:
-                device += f" ({torch.cuda.get_device_name(meter.device)})"
+                device += f" ({torch.cuda.get_device_name(meter.device)}; PYTORCH_CUDA_ALLOC_CONF={alloc})"
         finally:
             trainer.close()
 
