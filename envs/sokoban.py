@@ -330,10 +330,12 @@ class SokobanEnv:
 
     def _obs(self, feedback: str) -> Obs:
         mode = self.cfg.observation
+        moves = list(ACTIONS)  # every direction is always a legal answer (into a wall: no move)
         if mode in ("text", "text+coords"):
-            return Obs(text=self.text(), feedback=feedback)
+            return Obs(text=self.text(), feedback=feedback, admissible=moves)
         image = render_rgb(self.room_fixed, self.room_state)
-        return Obs(text=self.text() if mode == "both" else IMAGE_ONLY_TEXT, feedback=feedback, image=image)
+        return Obs(text=self.text() if mode == "both" else IMAGE_ONLY_TEXT, feedback=feedback, image=image,
+                   admissible=moves)
 
     def text(self) -> str:
         map_text = render_text(self.room_fixed, self.room_state)

@@ -122,6 +122,13 @@ class Metered:
     def decode(self, ids):
         return self.policy.decode(ids)
 
+    def tokenize(self, text):
+        return self.policy.tokenize(text)
+
+    @property
+    def eos_ids(self):
+        return self.policy.eos_ids
+
     def generate(self, prompts, *args, **kwargs):
         tic = time.perf_counter()
         out = self.policy.generate(prompts, *args, **kwargs)

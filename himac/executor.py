@@ -34,12 +34,13 @@ Same function names, in the same order, as planner.py.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from envs.base import Obs, Prompts
-from himac import vision
+from himac import choices, vision
 from himac.policy import Policy
 from himac.update import ACTION, Row
 
@@ -77,6 +78,10 @@ class ExecutorConfig:
     subgoal_overrun: str = "halt"
     """A segment that reaches T_limit without <sub_done>: 'halt' the episode with halt_penalty (the paper), or
     'advance' to the next sub-goal (halting only when the last one runs over)."""
+    action_choices: bool = False
+    """True (a departure): each answer is decoded under a constraint to one of the turn's candidates, the env's
+    actions (Obs.admissible) and <sub_done>, and trained under the same restriction
+    (himac/choices.py). False: free text parsed by the env, as in the paper."""
 
     def __post_init__(self):
         from himac.config import check
@@ -103,6 +108,7 @@ class Step:
     reward: float = 0.0
     anchor: str = ""  # the observation the answer was given in (GiGPO's anchor state)
     images: Any = None  # vision.Pixels of the frame shown (visual observations), else None
+    allowed: list[list[int]] | None = None  # the token ids choosable at each completion position (action_choices)
 
     @property
     def move(self) -> str:
@@ -191,16 +197,18 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
         t0 = time.perf_counter()
         encoded = [_prompt(policy, prompts, pool.tasks[x.slot], x, cfg, flat) for x in live]
         prompt_ids, pixels = [ids for ids, _ in encoded], [px for _, px in encoded]
-        outs = policy.generate(prompt_ids, cfg.action_max_tokens, temp, stop_at_newline=True,
-                               **vision.image_kwargs(pixels))
+        cands = [_choices(policy, x.obs, cfg, flat) for x in live] if cfg.action_choices else None
+        budget = max([cfg.action_max_tokens] + [len(c) + 1 for cs in cands or [] for c in cs])  # a whole choice
+        outs = policy.generate(prompt_ids, budget, temp, stop_at_newline=True, **vision.image_kwargs(pixels),
+                               **({"choices": cands} if cands else {}))
         _add(timings, "generate_s", time.perf_counter() - t0)
         _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
         to_step: list[tuple[_Live, Step]] = []
-        for x, ids, px, out in zip(live, prompt_ids, pixels, outs):
+        for i, (x, ids, px, out) in enumerate(zip(live, prompt_ids, pixels, outs)):
             text = (prompts.flat_prefix if flat else prompts.executor_prefix) + out.text
             action, done_flag, valid = parse_output(text, parse_action, cfg.sub_done and not flat)
             step = Step(ids, out.ids, text, action, valid, done_flag, x.k, anchor=vision.state_key(x.obs),
-                        images=px)
+                        images=px, allowed=choices.path(cands[i], out.ids, policy.eos_ids) if cands else None)
             x.traj.steps.append(step)
             if done_flag:  # <sub_done>: next sub-goal, no env step
                 x.traj.subgoals_done += 1
@@ -219,6 +227,21 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
             _apply(x, step, obs, reward, env_done, info, cfg, flat)
         live = [x for x in live if not x.traj.end]
     return ordered
+
+
+def _choices(policy: Policy, obs: Obs, cfg: ExecutorConfig, flat: bool) -> list[list[int]]:
+    """This turn's candidate answers (action_choices), as token ids: each action after a space (it follows the
+    prefilled prefix, "Direction:"), then " <sub_done>" where the executor may say it."""
+    actions = obs.admissible
+    if not actions:
+        raise ValueError("action_choices: true needs an env that lists the actions open at each step "
+                         "(Obs.admissible); this one lists none")
+    free = [a for a in actions if re.search(r"<[^<>]+>", a)]
+    if free:  # WebShop's search[<your query>]: a slot for free text is no choice
+        raise ValueError(f"action_choices: true cannot pick {free[0]!r}: the action holds free text; "
+                         f"use action_choices: false with this env")
+    texts = [f" {a}" for a in actions] + ([f" {SUB_DONE}"] if cfg.sub_done and not flat else [])
+    return choices.encode(policy.tokenize, texts)
 
 
 def _prompt(policy: Policy, prompts: Prompts, task: str, x: _Live, cfg: ExecutorConfig,
@@ -302,6 +325,6 @@ def training_rows(trajectories: list[Trajectory], advantages: list[list[float]],
     for i, (t, per_step) in enumerate(zip(trajectories, advantages)):
         if len(per_step) != len(t.steps):
             raise ValueError(f"trajectory {i} has {len(t.steps)} steps but {len(per_step)} advantages")
-        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature, s.images)
-                 for s, adv in zip(t.steps, per_step)]
+        rows += [Row(s.prompt_ids, s.completion_ids, ACTION, sample_offset + i, float(adv), t.temperature, s.images,
+                     s.allowed) for s, adv in zip(t.steps, per_step)]
     return rows

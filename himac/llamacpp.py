@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from himac import choices as choice_mask
 from himac.policy import Completion
 
 
@@ -103,6 +104,9 @@ class LlamaCppPolicy:
         """Text without special tokens, like Policy.decode (skip_special_tokens)."""
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     # -- the engine, for benchmarks and tests -----------------------------------------
     def logits(self, prompt: list[int]) -> np.ndarray:
         """float32 next-token logits after `prompt`, (V,)."""
@@ -122,13 +126,15 @@ class LlamaCppPolicy:
 
     # -- generation ----------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
+                 stop_at_newline: bool = False, images: list | None = None,
+                 choices: list | None = None) -> list[Completion]:
         if images and any(px is not None for px in images):
             raise ValueError("the llamacpp backend is text-only: evaluate image observations with --backend hf")
         stop = set(self.eos_ids) | (set(self.newline_ids()) if stop_at_newline else set())
         out: list[Completion] = []
         for start in range(0, len(prompts), self.n_seq):
             chunk = prompts[start:start + self.n_seq]
+            cands = (choices or [None] * len(prompts))[start:start + self.n_seq]
             for p in chunk:
                 if len(p) + max_new_tokens > self.n_ctx:
                     raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new ones exceeds "
@@ -139,7 +145,8 @@ class LlamaCppPolicy:
             while live:
                 feed = []
                 for i in live:
-                    token = self._pick(logits[i], temperature)
+                    ok = choice_mask.allowed(cands[i], ids[i], self.eos_ids) if cands[i] else []
+                    token = self._pick(logits[i], temperature, ok)
                     ids[i].append(token)
                     if token not in stop and len(ids[i]) < max_new_tokens:
                         feed.append(i)
@@ -152,7 +159,11 @@ class LlamaCppPolicy:
         self.evaluated_tokens = self._slots.evaluated
         return out
 
-    def _pick(self, logits: np.ndarray, temperature: float) -> int:
+    def _pick(self, logits: np.ndarray, temperature: float, allowed: list[int] | None = None) -> int:
+        if allowed:  # answers picked from choices: the softmax over what may follow (himac/choices.py)
+            keep = np.full(logits.shape, -np.inf, dtype=np.float64)
+            keep[allowed] = logits[allowed]
+            logits = keep
         if temperature <= 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / temperature

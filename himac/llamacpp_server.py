@@ -176,9 +176,13 @@ class LlamaCppServerPolicy:
         return self._request("/extras/detokenize", {"tokens": list(ids), **self._model()})["text"]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
+                 stop_at_newline: bool = False, images: list | None = None,
+                 choices: list | None = None) -> list[Completion]:
         if images and any(px is not None for px in images):
             raise ValueError("the llamacpp-server backend is text-only: evaluate image observations with --backend hf")
+        if choices and any(choices):
+            raise ValueError("the llamacpp-server backend cannot restrict answers to choices (action_choices: true): "
+                             "evaluate with --backend llamacpp or hf")
         out = []
         for ids in prompts:
             body = {"prompt": self._prompt(ids), "max_tokens": max_new_tokens, "temperature": max(temperature, 0.0),

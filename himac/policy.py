@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from himac import choices as choice_mask
 from himac import vision
 
 
@@ -53,6 +54,7 @@ class Completion:
 @runtime_checkable
 class AgentPolicy(Protocol):
     """What planner.generate, executor.generate and evaluation need from a policy."""
+    eos_ids: list[int]  # the tokens that end a completion
 
     def encode(self, messages: list[dict], prefix: str = "") -> list[int]:
         """Chat messages -> prompt ids ending with the assistant header (+ a prefilled prefix)."""
@@ -64,8 +66,13 @@ class AgentPolicy(Protocol):
         """Token ids -> text, special tokens removed."""
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
-        """One completion per prompt: sampled at `temperature` > 0 (the full softmax), greedy at 0."""
+                 stop_at_newline: bool = False, images: list | None = None,
+                 choices: list | None = None) -> list[Completion]:
+        """One completion per prompt: sampled at `temperature` > 0 (the full softmax), greedy at 0.
+        `choices[i]`: candidate answers (token ids) prompt i's completion is restricted to (himac/choices.py)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text -> token ids, no special tokens added."""
 
 
 @runtime_checkable
@@ -74,8 +81,10 @@ class TrainablePolicy(AgentPolicy, Protocol):
     model: Any  # the torch module (with its LoRA adapter)
 
     def logprobs(self, prompts: list[list[int]], completions: list[list[int]],
-                 temperatures: Any = None, images: list | None = None) -> tuple[Any, Any]:
-        """(logp, mask), both (R, C): log pi of each completion token, with gradients."""
+                 temperatures: Any = None, images: list | None = None,
+                 allowed: list | None = None) -> tuple[Any, Any]:
+        """(logp, mask), both (R, C): log pi of each completion token, with gradients; `allowed[i]`: the token
+        ids row i could choose among at each completion position (None: the whole vocabulary)."""
 
     def reference(self) -> ContextManager:
         """Within it, the policy computes pi_ref (the adapter switched off)."""
@@ -195,13 +204,18 @@ class Policy:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     # -- generation ----------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 stop_at_newline: bool = False, images: list | None = None) -> list[Completion]:
+                 stop_at_newline: bool = False, images: list | None = None,
+                 choices: list | None = None) -> list[Completion]:
         """Sample (temperature > 0) or greedily decode one completion per prompt.
 
-        `images[i]` is the `vision.Pixels` of prompt i (None for a text-only prompt).
+        `images[i]` is the `vision.Pixels` of prompt i (None for a text-only prompt); `choices[i]` the
+        candidate answers (token ids) its completion must be one of, then a stop token (None: free text).
         """
         stop = set(self.eos_ids) | (set(self.newline_ids()) if stop_at_newline else set())
         gen_cfg = GenerationConfig(
@@ -222,9 +236,14 @@ class Policy:
                 chunk = prompts[start:start + self.gen_batch_size]
                 ids, mask = self._left_pad(chunk)  # (b, P)
                 extra = self._image_inputs(ids, images[start:start + self.gen_batch_size] if images else None)
+                hooks = []  # the restriction to the choices comes before any draw
+                if choices and any(choices[start:start + self.gen_batch_size]):
+                    hooks.append(choice_mask.ChoiceLogits(choices[start:start + self.gen_batch_size],
+                                                          self.eos_ids, ids.shape[1]))
                 if keys is not None:
-                    extra["logits_processor"] = LogitsProcessorList(
-                        [_KeyedDraw(keys[start:start + self.gen_batch_size], temperature, ids.shape[1])])
+                    hooks.append(_KeyedDraw(keys[start:start + self.gen_batch_size], temperature, ids.shape[1]))
+                if hooks:
+                    extra["logits_processor"] = LogitsProcessorList(hooks)
                 seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
                 for row in seqs[:, ids.shape[1]:].tolist():  # (b, <=max_new_tokens)
                     cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
@@ -245,12 +264,14 @@ class Policy:
     # -- training forward ----------------------------------------------------------
     def logprobs(self, prompts: list[list[int]], completions: list[list[int]],
                  temperatures: torch.Tensor | None = None,
-                 images: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 images: list | None = None, allowed: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(completion token | prompt, earlier completion tokens) for a batch of rows.
 
         Returns (logp, mask), both (R, C) with C the longest completion; mask is 1 on
         real completion tokens. Gradients flow when called outside no_grad.
-        `images[i]` is the `vision.Pixels` of row i's prompt (None for a text-only row).
+        `images[i]` is the `vision.Pixels` of row i's prompt (None for a text-only row); `allowed[i]` the
+        token ids row i was restricted to at each completion position (answers picked from choices), so
+        each softmax is renormalised over the same set generate() drew from.
         """
         R = len(prompts)
         P = max(len(p) for p in prompts)
@@ -275,6 +296,8 @@ class Policy:
         logits = logits.float()  # (R, C, V)
         if self.banned_ids:  # the same support as generate(): markers are never written
             logits = logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), float("-inf"))
+        if allowed:
+            logits = choice_mask.mask_logits(logits, allowed)
         if temperatures is not None:
             logits = logits / temperatures.to(logits.device)[:, None, None]
         targets = ids[:, P:]  # (R, C)

@@ -61,6 +61,7 @@ class Row:
     advantage: float
     temperature: float = 1.0  # sampling temperature, applied to logits in the update
     images: Any = None  # vision.Pixels of the prompt's images (visual observations), else None
+    allowed: Any = None  # per completion position, the token ids the answer was picked among (action_choices)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     prompts = [r.prompt_ids for r in rows]
     completions = [r.completion_ids for r in rows]
     temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
-    images = vision.image_kwargs([r.images for r in rows])
+    images = {**vision.image_kwargs([r.images for r in rows]), **_allowed_kwargs(rows)}
     logp, mask = policy.logprobs(prompts, completions, temps, **images)  # (R, C) with grad
     C = logp.shape[1]
     w = weights[:, :C].to(logp.device) * mask  # (R, C)
@@ -216,6 +217,11 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
     return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
+
+
+def _allowed_kwargs(rows: list[Row]) -> dict:
+    """{'allowed': ...} for logprobs when some row's answer was picked from choices, else {} (every policy)."""
+    return {"allowed": [r.allowed for r in rows]} if any(r.allowed for r in rows) else {}
 
 
 def _split_samples(rows: list[Row], parts: int, ids: list[int] | None = None) -> list[list[Row]]:
@@ -248,7 +254,7 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
             for chunk in _chunks(rows, cfg.micro_batch_size):
                 temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in chunk])
                 lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], temps,
-                                        **vision.image_kwargs([r.images for r in chunk]))
+                                        **vision.image_kwargs([r.images for r in chunk]), **_allowed_kwargs(chunk))
                 for r, row_lp in zip(chunk, lp):
                     old[id(r)] = row_lp.cpu()
     base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr

@@ -72,8 +72,12 @@ class ScriptedPolicy:
 
     def __init__(self, tokenizer, scripts: dict[int, list[str]]):
         self.tokenizer, self.scripts = tokenizer, {k: list(v) for k, v in scripts.items()}
+        self.eos_ids = [tokenizer.eos_token_id]
         self.prompts: list[str] = []
         self.batch_sizes: list[int] = []
+
+    def tokenize(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode(self, messages, prefix=""):
         return chat_ids(self.tokenizer, messages, prefix)

@@ -172,6 +172,26 @@ def test_f32_logits_equal_transformers(exported, fam):
         torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)  # measured: ~7e-5; a wrong rope layout: ~3e-2
 
 
+def test_answers_picked_from_choices_match_transformers(exported):
+    """action_choices under llama.cpp: the same candidate tokens as transformers' tokenizer, the same greedy
+    pick, and sampled answers that are always one candidate and a stop token."""
+    pytest.importorskip("llama_cpp")
+    from himac import choices
+    from himac.llamacpp import LlamaCppPolicy
+    path, model, tok = exported["qwen2"]
+    lc, hf = LlamaCppPolicy(path, n_ctx=1024, seed=1), Policy(model, tok)
+    texts = [" up", " down", " left", " right", " <sub_done>"]
+    cands = choices.encode(lc.tokenize, texts)
+    assert cands == choices.encode(hf.tokenize, texts)
+    _, act, done = chat_prompts(tok)
+    prompts = [act, done]
+    greedy_lc = lc.generate(prompts, 8, 0.0, choices=[cands] * 2)
+    greedy_hf = hf.generate(prompts, 8, 0.0, choices=[cands] * 2)
+    assert [c.ids[:-1] for c in greedy_lc] == [c.ids[:-1] for c in greedy_hf]
+    for c in lc.generate(prompts * 8, 8, 1.0, choices=[cands] * 16):
+        assert c.ids[:-1] in cands and c.ids[-1] in lc.eos_ids
+
+
 def test_one_prefill_of_many_prompts_equals_transformers(exported):
     """One prefill call of several prompts (some borrowing a prefix cached by an earlier call or
     by an earlier prompt of the same call, one longer than the rest): each gets its own logits."""
