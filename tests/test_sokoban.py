@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from envs.sokoban import (ACTIONS, BOX, BOX_ON, PLAYER, SokobanConfig, SokobanEnv, generate, parse_action, parse_room,
-                          render_text, solve)
+                          potential, render_text, solve)
 
 
 def make(text: str, max_steps: int = 15) -> SokobanEnv:
@@ -244,3 +244,42 @@ def test_coords_observation_drops_targets_with_a_box_and_reads_back_the_solution
     assert info["success"] and "Every box is on a target." in obs.text
     plain = SokobanEnv(SokobanConfig(max_steps=15)).load(*parse_room("######\n#@$_.#\n######"))
     assert "From you" not in plain.text  # the plain text observation is unchanged
+
+
+# -- potential-based shaping (`shaping`) ------------------------------------------------------------
+def test_shaping_pays_each_step_toward_the_box_and_toward_the_target():
+    text = "########\n#@__$_.#\n########"
+    plain, shaped = make(text), SokobanEnv(SokobanConfig(shaping=0.5))
+    shaped.load(*parse_room(text))
+    moves = [("right", 0.5), ("left", -0.5), ("right", 0.5), ("right", 0.5), ("right", 0.5), ("left", -0.5)]
+    for move, gain in moves:  # walk toward the box: +w, away: -w; push it toward the target: +w
+        _, r_plain, _, _ = plain.step(move)
+        _, r, _, _ = shaped.step(move)
+        assert r == pytest.approx(r_plain + gain), move
+    shaped.step("right")
+    _, r, done, info = shaped.step("right")  # the push onto the target: box distance 1 -> 0
+    assert done and info["success"] and r == pytest.approx(-0.1 + 1 + 10 + 0.5)
+
+
+def test_shaping_telescopes_over_any_episode_and_leaves_success_alone():
+    cfg = dict(room_size=7, min_solution_moves=2, max_solution_moves=4, max_steps=6)
+    plain, shaped = SokobanEnv(SokobanConfig(**cfg)), SokobanEnv(SokobanConfig(**cfg, shaping=0.3))
+    rng = random.Random(0)
+    for seed in range(20):
+        plain.reset(seed)
+        shaped.reset(seed)
+        start = potential(shaped.room_fixed, shaped.room_state)
+        extra, done = 0.0, False
+        while not done:
+            move = rng.choice(list(ACTIONS))
+            _, r_plain, done, info_plain = plain.step(move)
+            _, r, done_s, info = shaped.step(move)
+            assert done_s == done and info["success"] == info_plain["success"]
+            extra += r - r_plain
+        assert extra == pytest.approx(0.3 * (potential(shaped.room_fixed, shaped.room_state) - start))
+
+
+def test_shaping_must_not_be_negative():
+    from himac.config import ConfigError
+    with pytest.raises(ConfigError, match="shaping"):
+        SokobanConfig(shaping=-0.5)
