@@ -15,6 +15,11 @@ which it got.
   Eq. 2 over *anchor-state groups*, the steps of one task's trajectories taken from
   an identical observation, each scored by its discounted return from that step on.
   On blueprints (one step each, every anchor its own) A^S is 0 and gigpo is grpo.
+- step_grpo: Eq. 2 over the discounted step returns of *all* steps of a group pooled (no
+  identical-state match): each turn is credited with what followed it, against the
+  group's average turn. A departure, for dense per-step rewards (e.g. Sokoban's
+  `shaping`), where a turn's own reward says most about it; with one step per sample
+  (blueprints) it is grpo.
 """
 from __future__ import annotations
 
@@ -120,12 +125,22 @@ def gigpo_advantages(
 
 
 def gigpo(s: Samples, p: Params) -> torch.Tensor:  # (S,)
-    step_returns = torch.zeros(s.step_sample.numel())  # (S,)
-    for i in range(s.returns.numel()):  # a sample's steps in their order
-        at = (s.step_sample == i).nonzero().squeeze(1)
-        step_returns[at] = torch.tensor(discounted_returns(s.step_reward[at].tolist(), p.gamma))
-    return gigpo_advantages(s.returns, s.group, s.step_sample, s.step_anchor, step_returns,
+    return gigpo_advantages(s.returns, s.group, s.step_sample, s.step_anchor, step_returns_of(s, p.gamma),
                             p.step_weight, p.scale_std, p.eps, p.std_floor)
 
 
-ESTIMATORS: dict[str, Estimator] = {"grpo": grpo, "rloo": rloo, "gigpo": gigpo}
+def step_returns_of(s: Samples, gamma: float) -> torch.Tensor:  # (S,)
+    """Each step's discounted return from that step to the end of its sample."""
+    out = torch.zeros(s.step_sample.numel())
+    for i in range(s.returns.numel()):  # a sample's steps in their order
+        at = (s.step_sample == i).nonzero().squeeze(1)
+        out[at] = torch.tensor(discounted_returns(s.step_reward[at].tolist(), gamma), dtype=out.dtype)
+    return out
+
+
+def step_grpo(s: Samples, p: Params) -> torch.Tensor:  # (S,)
+    """Eq. 2 over the step returns of each group's steps pooled."""
+    return group_advantages(step_returns_of(s, p.gamma), s.group[s.step_sample], p.scale_std, p.eps, p.std_floor)
+
+
+ESTIMATORS: dict[str, Estimator] = {"grpo": grpo, "rloo": rloo, "gigpo": gigpo, "step_grpo": step_grpo}

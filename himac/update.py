@@ -48,7 +48,7 @@ from himac import groups, vision
 from himac.policy import TrainablePolicy
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
-ADVANTAGES = ("grpo", "rloo", "gigpo")
+ADVANTAGES = ("grpo", "rloo", "gigpo", "step_grpo")
 AGGREGATIONS = ("sample", "turn", "token")
 
 
@@ -112,13 +112,14 @@ class UpdateConfig:
     mini_batches: int = 1
     """Optimiser steps per pass; samples are split between them whole."""
     advantage: str = "grpo"
-    """Advantage estimator of trajectory groups: 'grpo' (Eq. 2), 'rloo' (leave-one-out baseline) or
-    'gigpo' (Eq. 2 over episodes + step_weight * Eq. 2 over identical-observation step groups).
-    Blueprint (macro) groups use grpo or rloo; gigpo has no steps there and falls back to grpo."""
+    """Advantage estimator of trajectory groups: 'grpo' (Eq. 2), 'rloo' (leave-one-out baseline),
+    'gigpo' (Eq. 2 over episodes + step_weight * Eq. 2 over identical-observation step groups) or
+    'step_grpo' (a departure: Eq. 2 over the discounted step returns of a group's turns pooled).
+    Blueprint (macro) groups use grpo or rloo; gigpo and step_grpo have no steps there and are grpo."""
     gigpo_step_weight: float = 1.0
     """omega: weight of GiGPO's step-level advantage."""
     gigpo_gamma: float = 0.95
-    """Discount of the step returns GiGPO compares within a step group."""
+    """Discount of the step returns GiGPO compares within a step group (and step_grpo within a group)."""
 
     def __post_init__(self):
         from himac.config import check

@@ -37,6 +37,17 @@ def test_gigpo_step_returns_follow_each_samples_own_steps_when_interleaved():
     assert ESTIMATORS["gigpo"](mixed, P).tolist() == pytest.approx([-2 * H, 2 * H, -H, H])
 
 
+def test_step_grpo_pools_a_groups_step_returns_and_keeps_groups_apart():
+    # step returns (gamma 1): sample 0 (1, 0), sample 1 (0, -0.5); pooled mean 0.125, unbiased std
+    # sqrt(1.1875 / 3). A third sample in another group, rewards (0, 2), step returns (2, 2): spread 0 -> 0.
+    three = Samples(returns=torch.tensor([1.0, 0.0, 4.0]), group=torch.tensor([0, 0, 1]),
+                    step_sample=torch.tensor([0, 2, 0, 1, 1, 2]), step_anchor=torch.tensor([7, 5, 8, 7, 9, 6]),
+                    step_reward=torch.tensor([1.0, 0.0, 0.0, 0.5, -0.5, 2.0], dtype=torch.float64))
+    std = (1.1875 / 3) ** 0.5
+    expected = [0.875 / std, 0.0, -0.125 / std, -0.125 / std, -0.625 / std, 0.0]
+    assert ESTIMATORS["step_grpo"](three, P).tolist() == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_blueprints_are_one_step_samples_and_gigpo_falls_back_to_grpo(name):
     returns, group = torch.tensor([3.0, 1.0, 2.0, 5.0, 5.0]), torch.tensor([0, 0, 0, 1, 1])
