@@ -50,7 +50,7 @@ from envs.seeds import eval_seeds
 from himac import config as C
 from himac import distributed as dist
 from himac import executor, metrics, models, planner, quiet, reporting
-from himac.evaluation import Metered, evaluate_agent, summarise
+from himac.evaluation import Metered, evaluate_agent, mark_rule_agreement, summarise
 from himac.experiment import (Config, blueprint_advantages, load_config, sections, trajectory_advantages,
                               without_silent)
 from himac.policy import KeyedSampling, Policy
@@ -175,12 +175,24 @@ class Trainer:
              **metrics.trajectories("micro", g["sampled"], g["adv_b"], hierarchy=True),
              "micro/zero_var_groups": g["silent_b"] / max(len(g["z_star"]), 1),
              **metrics.actions("micro", [s.move for tr in g["sampled"] for s in tr.steps], self.spec.actions),
+             **self._rule_agreement(g["sampled"]),
              **metrics.env(g["greedy"] + g["sampled"], metrics.ENDS), **metrics.env_report(self.spec, g["sampled"]),
              **metrics.update("macro", m_macro), **metrics.update("micro", m_micro),
              **metrics.timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
                               timings.get("generated_tokens", 0.0) + sum(len(z.completion_ids) for z in g["flat_bp"]),
                               m_macro.get("update_s", 0.0) + m_micro.get("update_s", 0.0))}
         return m, g["samples"]
+
+    def _rule_agreement(self, trajs: list) -> dict:
+        """micro/rule_agreement: the share of the *sampled* training moves the env's reading rule would also
+        have made (the evaluation's rule_agreement, for the policy being trained): reading shows here as a
+        rise from ~1/|actions| long before a greedy evaluation's argmax moves."""
+        if self.spec.rule is None or not self.spec.actions or getattr(self.pool, "cfg", None) is None or not trajs:
+            return {}
+        episodes = [{"seed": tr.seed, "moves": [s.move for s in tr.steps]} for tr in trajs]
+        mark_rule_agreement(self.spec, self.pool.cfg, episodes)
+        moves = sum(e["rule_moves"] for e in episodes)
+        return {"micro/rule_agreement": sum(e["rule_agree"] for e in episodes) / moves} if moves else {}
 
     def flat_iteration(self, t: int, bar=None) -> tuple[dict, list[dict]]:
         """'w/o hierarchy': M flat trajectories per task, group advantages over each task's M, one update."""
@@ -210,6 +222,7 @@ class Trainer:
              **metrics.trajectories("micro", sampled, g["adv"], hierarchy=False),
              "micro/zero_var_groups": g["silent"] / B_all,
              **metrics.actions("micro", [s.move for tr in sampled for s in tr.steps], self.spec.actions),
+             **self._rule_agreement(sampled),
              **metrics.env(sampled, metrics.FLAT_ENDS), **metrics.env_report(self.spec, sampled),
              **metrics.update("micro", m_update),
              **metrics.timing(timings, timings.get("generate_s", 0.0), timings.get("generated_tokens", 0.0),

@@ -123,6 +123,35 @@ def test_zero_variance_groups_leave_the_update_when_asked(tmp_path, monkeypatch,
     assert seen["samples"] == expected
 
 
+@pytest.mark.parametrize("hierarchy", [False, True])
+def test_training_rule_agreement_replays_the_sampled_moves(tmp_path, monkeypatch, hierarchy):
+    from envs.sokoban import SokobanEnv, toward_box
+    from himac import executor
+    cfg = load_config(None, {**FAST, "hierarchy": hierarchy, "action_choices": True})
+    trainer = Trainer(cfg, RunDir(tmp_path / "run"))
+    seen = []
+    real_generate = executor.generate
+
+    def generate(*a, **k):
+        out = real_generate(*a, **k)
+        if not k.get("greedy"):
+            seen.extend(out)
+        return out
+    monkeypatch.setattr(executor, "generate", generate)
+    m, _ = trainer.iteration(0)
+    agree = moves = 0
+    env = SokobanEnv(cfg.env)
+    for tr in seen:  # each sampled episode again, move by move, against "step toward the box"
+        env.reset(tr.seed)
+        for step in tr.steps:
+            if step.move in ("up", "down", "left", "right"):
+                moves += 1
+                agree += toward_box(env) == step.move
+                if env.step(step.move)[2]:
+                    break
+    assert moves > 0 and m["micro/rule_agreement"] == pytest.approx(agree / moves)
+
+
 def test_action_histogram_by_hand():
     moves = ["up", "up", "down", SUB_DONE, INVALID, "up"]
     m = metrics.actions("micro", moves, ("up", "down", "left", "right"))
