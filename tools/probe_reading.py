@@ -13,6 +13,14 @@ box") as labels. It prints one table: optimiser steps, CPU seconds of training, 
 and on held-out rooms (the validation range, never the reported evaluation rooms) the share of
 greedy first moves the rule agrees with and which moves were picked. Row 0 is the untrained
 model; the share of the most common rule label is the best a constant could agree.
+
+`--rl K` swaps the labels for the RL signal in its simplest form, a one-step contextual bandit
+on the same first turns: K answers sampled per room (temperature 1, the same restriction), each
+scored by the env's reward for that one move (`--set shaping=1` pays a step toward the box at
+once), advantages centred on the room's K (`--rl-std` also divides by their std, Eq. 2), loss
+-sum(A * log p) per room. If this learns at the supervised pace, the multi-turn runs lose the
+signal in credit assignment over whole episodes; if it does not, the policy gradient itself
+(which answers happen to be sampled) is too noisy at this batch.
 """
 from __future__ import annotations
 
@@ -33,15 +41,24 @@ from himac.experiment import load_config  # noqa: E402
 from himac.policy import Policy  # noqa: E402
 
 
-def labelled(spec, env_cfg, seeds: list[int]) -> list[tuple[str, object, str]]:
-    """(task, first observation, the rule's action) of each room."""
+def labelled(spec, env_cfg, seeds: list[int]) -> list[tuple[str, object, str, int]]:
+    """(task, first observation, the rule's action, seed) of each room."""
     out = []
     for s in seeds:
         env = spec.make(env_cfg)
         obs = env.reset(s)
-        out.append((env.task, obs, spec.rule(env)))
+        out.append((env.task, obs, spec.rule(env), s))
         env.close()
     return out
+
+
+def first_move_reward(spec, env_cfg, seed: int, action: str) -> float:
+    env = spec.make(env_cfg)
+    try:
+        env.reset(seed)
+        return float(env.step(action)[1])
+    finally:
+        env.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=400, help="labelled training rooms")
     ap.add_argument("--held-out", type=int, default=128, help="held-out rooms (validation range)")
     ap.add_argument("--every", type=int, default=10, help="evaluate every this many steps")
+    ap.add_argument("--rl", type=int, default=0, metavar="K",
+                    help="train by a one-step bandit policy gradient with K samples per room instead of labels")
+    ap.add_argument("--rl-std", action="store_true", help="with --rl: divide advantages by the room's std")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, C.parse_overrides(args.overrides))
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         picks, hits = Counter(), 0
         with torch.no_grad():
-            for task, obs, rule in held:
+            for task, obs, rule, _ in held:
                 names, cands = candidates(obs)
                 out = policy.generate([encode(task, obs)], max(len(c) for c in cands) + 1, 0.0, choices=[cands])[0]
                 pick = names[[c for c in cands].index(out.ids[:-1])] if out.ids[:-1] in cands else "?"
@@ -92,35 +112,54 @@ def main(argv: list[str] | None = None) -> int:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    labels = Counter(rule for *_, rule in held)
-    print(f"config {args.config}  model {cfg.model.model}  lr {args.lr}  batch {args.batch}  "
+    labels = Counter(rule for _, _, rule, _ in held)
+    signal = f"bandit policy gradient, {args.rl} samples a room" if args.rl else "rule labels"
+    print(f"config {args.config}  model {cfg.model.model}  lr {args.lr}  batch {args.batch}  {signal}  "
           f"{len(train)} training rooms, {len(held)} held-out (validation range)")
     print(f"held-out rule labels: {dict(labels)}; a constant agrees at most {max(labels.values()) / len(held):.2f}\n")
-    print("| step | rooms seen | train CPU s | batch loss | held-out agreement | greedy picks |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| step | rooms seen | train CPU s | batch loss | sampled reward | held-out agreement | greedy picks |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     share, picks = agreement()
-    print(f"| 0 | 0 | 0 | | {share:.3f} | {dict(picks.most_common())} |", flush=True)
+    print(f"| 0 | 0 | 0 | | | {share:.3f} | {dict(picks.most_common())} |", flush=True)
     cpu, order = 0.0, []
     for step in range(1, args.steps + 1):
         if len(order) < args.batch:
             order += rng.sample(train, len(train))
         batch, order = order[:args.batch], order[args.batch:]
         tic = time.process_time()
-        rows, allowed = [], []
-        for task, obs, rule in batch:
+        rows, allowed, weight, sampled = [], [], [], []
+        for task, obs, rule, seed in batch:
             names, cands = candidates(obs)
-            target = cands[names.index(rule)] + [policy.eos_ids[0]]
-            rows.append((encode(task, obs), target))
-            allowed.append(choices.path(cands, target, policy.eos_ids))
+            prompt = encode(task, obs)
+            if not args.rl:
+                picks, adv = [rule], [1.0]
+            else:
+                model.eval()
+                with torch.no_grad():
+                    outs = policy.generate([prompt] * args.rl, max(len(c) for c in cands) + 1, 1.0,
+                                           choices=[cands] * args.rl)
+                model.train()
+                picks = [names[cands.index(o.ids[:-1])] for o in outs]
+                rewards = torch.tensor([first_move_reward(spec, cfg.env, seed, a) for a in picks])
+                sampled += rewards.tolist()
+                centred = rewards - rewards.mean()
+                adv = (centred / (rewards.std() + 1e-6) if args.rl_std else centred).tolist()
+            for pick, a in zip(picks, adv):
+                target = cands[names.index(pick)] + [policy.eos_ids[0]]
+                rows.append((prompt, target))
+                allowed.append(choices.path(cands, target, policy.eos_ids))
+                weight.append(a / len(picks))
         logp, mask = policy.logprobs([p for p, _ in rows], [t for _, t in rows], allowed=allowed)  # (R, C)
-        loss = -(logp * mask).sum() / len(rows)  # cross-entropy of the rule's answers, per room
+        w = torch.tensor(weight, dtype=logp.dtype).unsqueeze(1)  # (R, 1)
+        loss = -(w * logp * mask).sum() / len(batch)  # labels: cross-entropy per room; --rl: -A log p per room
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         cpu += time.process_time() - tic
         if step % args.every == 0 or step == args.steps:
             share, picks = agreement()
-            print(f"| {step} | {step * args.batch} | {cpu:.0f} | {loss.item():.3f} | {share:.3f} | "
+            reward = f"{sum(sampled) / len(sampled):.3f}" if sampled else ""
+            print(f"| {step} | {step * args.batch} | {cpu:.0f} | {loss.item():.3f} | {reward} | {share:.3f} | "
                   f"{dict(picks.most_common())} |", flush=True)
     return 0
 
