@@ -149,17 +149,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((prompt, target))
                 allowed.append(choices.path(cands, target, policy.eos_ids))
                 weight.append(a / len(picks))
-        logp, mask = policy.logprobs([p for p, _ in rows], [t for _, t in rows], allowed=allowed)  # (R, C)
-        w = torch.tensor(weight, dtype=logp.dtype).unsqueeze(1)  # (R, 1)
-        loss = -(w * logp * mask).sum() / len(batch)  # labels: cross-entropy per room; --rl: -A log p per room
-        loss.backward()
+        loss = 0.0
+        for at in range(0, len(rows), args.batch):  # micro-batches of `batch` rows: --rl has K times as many
+            part = slice(at, at + args.batch)
+            logp, mask = policy.logprobs([p for p, _ in rows[part]], [t for _, t in rows[part]],
+                                         allowed=allowed[part])  # (R, C)
+            w = torch.tensor(weight[part], dtype=logp.dtype).unsqueeze(1)  # (R, 1)
+            part_loss = -(w * logp * mask).sum() / len(batch)  # labels: cross-entropy per room; --rl: -A log p
+            part_loss.backward()
+            loss += part_loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         cpu += time.process_time() - tic
         if step % args.every == 0 or step == args.steps:
             share, picks = agreement()
             reward = f"{sum(sampled) / len(sampled):.3f}" if sampled else ""
-            print(f"| {step} | {step * args.batch} | {cpu:.0f} | {loss.item():.3f} | {reward} | {share:.3f} | "
+            print(f"| {step} | {step * args.batch} | {cpu:.0f} | {loss:.3f} | {reward} | {share:.3f} | "
                   f"{dict(picks.most_common())} |", flush=True)
     return 0
 
