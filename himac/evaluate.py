@@ -84,9 +84,10 @@ def load_backend(backend: str, checkpoint: str | None, cfg, quant: str = "f32", 
         raise C.ConfigError(f"--backend {backend} needs --checkpoint")
     path = Path(checkpoint)
     is_gguf, is_run = path.suffix == ".gguf", path.is_dir()
-    if not (is_gguf or is_run or checkpoint in models.EMBEDDED):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a run directory, a .gguf file or one of "
-                                f"{sorted(models.EMBEDDED)}")
+    is_shape = models.is_shape(checkpoint)
+    if not (is_gguf or is_run or checkpoint in models.EMBEDDED or is_shape):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a run directory, a .gguf file, a shape model "
+                                f"(shape:NAME) or one of {sorted(models.EMBEDDED)}")
     if is_gguf and not path.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such GGUF file")
     run = RunDir(path, create=False) if is_run else None
@@ -98,6 +99,9 @@ def load_backend(backend: str, checkpoint: str | None, cfg, quant: str = "f32", 
                 print(f"himac: exporting {path} to {gguf_path} ({quant})", file=sys.stderr)
                 export.export_run(path, gguf_path, quant)
             path = gguf_path
+        elif is_shape:  # random weights have no GGUF of their own: tools/bench_eval.py exports one
+            raise C.ConfigError(f"--checkpoint {checkpoint}: a shape model runs under --backend hf; for llama.cpp "
+                                f"export it first (tools/bench_eval.py --checkpoint {checkpoint} does)")
         elif not is_gguf:
             path = models.embedded_gguf(checkpoint)
         return LlamaCppPolicy(path, n_ctx=n_ctx, n_threads=threads, seed=cfg.run.seed)

@@ -307,6 +307,7 @@ def build(path: Path, name: str, seed: int) -> None:
     if vision:
         _image_processor().save_pretrained(path)
     config.dtype = torch.bfloat16  # "torch_dtype": "bfloat16" in every one of these repos, as the shards are
+    config.architectures = [type(model).__name__]  # as the hub's config.json names it (the GGUF exporter reads it)
     config.save_pretrained(path)  # last: config.json is the marker of a finished directory
 
 
@@ -322,7 +323,7 @@ def materialise(name: str, seed: int) -> Path:
     """The cached model directory of shape `name` with weights seeded by `seed` (built on first use)."""
     base, over = parse(name)
     key = json.dumps({"name": base, "over": sorted(over.items()), "seed": seed, "corpus": tiny_corpus(),
-                      "shape": SHAPES[base][:3], "v": 1}, sort_keys=True, default=str)
+                      "shape": SHAPES[base][:3], "v": 2}, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     tag = "".join(f"-{k}{v}" for k, v in sorted(over.items()))
     return atomic_dir(cache_dir() / f"shape-{base}{tag}-{digest}", lambda tmp: build(tmp, name, seed),

@@ -121,6 +121,31 @@ def test_a_cut_shape_loads_like_a_hub_model_and_gives_logits_over_its_vocabulary
     assert isinstance(tok.decode(torch.randint(0, 2048, (16,)).tolist()), str)  # any sampled id decodes
 
 
+def test_a_cut_shape_exports_to_gguf_and_llama_cpp_agrees_with_transformers(tmp_path):
+    """The path bench_eval.py takes at the users' size: a shape (hub layout, stand-in tokenizer) through the
+    GGUF exporter (architecture, tokenizer check) into llama.cpp, whose logits must be transformers' own."""
+    pytest.importorskip("llama_cpp")
+    from himac import export
+    from himac.llamacpp import LlamaCppPolicy
+    cfg = models.ModelConfig(model=CUT, device="cpu", load_in_4bit=False)
+    config = json.loads((Path(models.model_path(cfg)) / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]  # as the hub's file says: the exporter reads it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, hf_config, tok = export.merged_state(cfg, None)
+        path = export.write_gguf(state, hf_config, tok, tmp_path / "cut.gguf", "f32", progress=False)
+        model, _ = models.load(cfg)  # LoRA B starts at 0: the base model
+    assert export.verify_tokenizer(path, tok) == []
+    lc = LlamaCppPolicy(path, n_ctx=512)
+    prompt = chat_ids(tok, [{"role": "user", "content": "Push the box left."}])
+    assert lc.encode([{"role": "user", "content": "Push the box left."}], "") == prompt
+    with torch.no_grad():
+        ref = model.float()(input_ids=torch.tensor([prompt])).logits[0, -1].float()  # (V,)
+    got = torch.from_numpy(lc.logits(prompt))
+    assert got.shape == ref.shape == (2048,) and ref.std() > 0.1
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)
+
+
 def test_a_cut_vl_shape_sees_a_sokoban_frame():
     from envs.sokoban import parse_room, render_rgb
     with warnings.catch_warnings():

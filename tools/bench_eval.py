@@ -3,6 +3,14 @@ and llama.cpp's single-stream decode speed against the memory-bandwidth bound.
 
     python tools/bench_eval.py [--config configs/sokoban_cpu.yaml] [--checkpoint smollm2-135m|RUN_DIR]
         [--episodes 8] [--quants f32,bf16,q8_0] [--decode-tokens 64] [--pp-tokens 256] [--threads N]
+    python tools/bench_eval.py --checkpoint shape:qwen2.5-1.5b-instruct --hf-dtype bfloat16 \
+        --quants bf16,q8_0,q4_0,q4_k_m --set action_choices=true      # the users' size, random weights
+
+A shape model (docs/shapes.md) has the architecture of the named model and random weights: it
+measures speed at that size and nothing else (the table says so). Its answers are noise, so the
+generation lengths are the config's caps on both backends (blueprints run to
+`blueprint_max_tokens`; `action_choices: true` fixes every executor answer to one action word);
+the generated-token counts in the table show they match.
 
 Rows, all measured in this run on this machine:
 - evaluation: episodes/s and generated tokens/s (generated tokens over seconds spent
@@ -22,6 +30,7 @@ Rows, all measured in this run on this machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -31,7 +40,7 @@ import numpy as np
 import torch
 
 from envs.seeds import eval_seeds
-from himac import evaluate, export, models
+from himac import config as C, evaluate, export, models
 from himac.evaluation import format_table, run_evaluation
 from himac.llamacpp import LlamaCppPolicy
 
@@ -97,18 +106,28 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--pp-tokens", type=int, default=256, help="prompt length for the prompt-processing rows")
     ap.add_argument("--threads", type=int, help="threads for both torch and llama.cpp (default: all cores)")
+    ap.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the HF side's dtype for a named model (embedded or shape); a run keeps its own")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides (e.g. action_choices=true)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     # The embedded base runs unquantised on both sides: HF in f32, llama.cpp on GGUFs of the same weights.
-    cfg = evaluate.resolve_config(args.config, args.checkpoint,
-                                  {"load_in_4bit": False} if args.checkpoint in models.EMBEDDED else {})
+    named = args.checkpoint in models.EMBEDDED or models.is_shape(args.checkpoint)  # a model, not a run
+    overrides = C.parse_overrides(args.overrides)
+    if named:  # unquantised on both sides: HF in --hf-dtype, llama.cpp on GGUFs of the same weights
+        overrides = {"load_in_4bit": False, "dtype": args.hf_dtype, **overrides}
+    cfg = evaluate.resolve_config(args.config, args.checkpoint, overrides)
+    shape = models.is_shape(args.checkpoint)
+    if shape:
+        print(f"{args.checkpoint}: {models.SHAPE_NOTE}", file=sys.stderr)
 
     ggufs: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="himac-bench-"))
-    if args.checkpoint in models.EMBEDDED:
-        ggufs["embedded Q4_1"] = models.embedded_gguf(args.checkpoint)
-        import dataclasses
+    if named:
+        if not shape:
+            ggufs["embedded Q4_1"] = models.embedded_gguf(args.checkpoint)
         model_cfg, adapter = dataclasses.replace(cfg.model, model=args.checkpoint), None
     else:
         model_cfg, adapter = export.read_run(args.checkpoint)
@@ -121,7 +140,8 @@ def main(argv=None) -> int:
     print(f"evaluation: {args.episodes} held-out {cfg.run.env} episodes, {args.checkpoint}, "
           f"{torch.get_num_threads()} torch threads", file=sys.stderr)
     hf = evaluate.load_backend("hf", args.checkpoint, cfg)
-    results["HF transformers f32"] = run_evaluation(hf, cfg, args.episodes)
+    hf_name = f"HF transformers {cfg.model.dtype}"
+    results[hf_name] = run_evaluation(hf, cfg, args.episodes)
     hf_pp = hf_prefill_speed(hf.model, args.pp_tokens)
     del hf
     from envs import get_spec
@@ -141,15 +161,17 @@ def main(argv=None) -> int:
         decode[name] = decode_speed(policy, prompt, args.decode_tokens)
         del policy
 
-    base = results["HF transformers f32"]["perf/episodes_per_s"]
+    base = results[hf_name]["perf/episodes_per_s"]
     for name, r in results.items():
         rows.append([name, r["success_rate"], r["perf/episodes_per_s"], r["perf/gen_tokens_per_s"],
-                     r["perf/episodes_per_s"] / base, r.get("computed", 1.0)])
+                     r["perf/episodes_per_s"] / base, r.get("computed", 1.0), r["perf/generated_tokens"]])
+    if shape:
+        print(f"\n{args.checkpoint}: {models.SHAPE_NOTE} (success is meaningless; speed is the point)")
     print("\n" + format_table(rows, ["backend", "success", "episodes/s", "gen tokens/s", "x HF",
-                                               "tokens computed"]))
+                                               "tokens computed", "generated tokens"]))
     print("(tokens computed: share of prompt + generated tokens the model evaluated; llama.cpp reuses cached prefixes)")
 
-    prows = [["HF transformers f32", hf_pp, 1.0, 1.0, 1.0]]
+    prows = [[hf_name, hf_pp, 1.0, 1.0, 1.0]]
     for name in ggufs:
         share = results[f"llama.cpp {name}"]["computed"]
         prows.append([f"llama.cpp {name}", pp[name], pp[name] / hf_pp, share, pp[name] / hf_pp / share])

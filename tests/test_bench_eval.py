@@ -1,0 +1,29 @@
+"""tools/bench_eval.py at a shape model (cut down to two real-width Qwen2.5-1.5B layers and a 2048-word
+vocabulary, so it runs in CI): exported through the GGUF writer, run by HF and by llama.cpp on the same
+held-out episodes, with the shape note in the report and the same generated lengths on both sides."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+CUT = "shape:qwen2.5-1.5b-instruct?layers=2&vocab=2048"
+
+
+def test_bench_eval_runs_a_shape_model_on_both_backends_with_fixed_lengths(capsys):
+    pytest.importorskip("llama_cpp")
+    import bench_eval
+    assert bench_eval.main(["--checkpoint", CUT, "--episodes", "1", "--quants", "f32", "--decode-tokens", "4",
+                            "--pp-tokens", "32", "--threads", "1", "--set", "action_choices=true"]) == 0
+    out = capsys.readouterr().out
+    assert "shape model: random weights, for measurement only" in out
+    rows: dict[str, list[str]] = {}
+    for m in re.finditer(r"^((?:HF transformers|llama\.cpp export) \S+)\s+(.*)$", out, re.M):
+        rows.setdefault(m.group(1).strip(), m.group(2).split())  # the first table: the evaluation
+    hf, lc = rows["HF transformers float32"], rows["llama.cpp export f32"]
+    assert len(hf) == len(lc) == 6  # success, episodes/s, gen tokens/s, x HF, tokens computed, generated tokens
+    # random weights write noise: the caps (blueprint_max_tokens, one action word) fix both sides' lengths
+    assert int(hf[-1]) == int(lc[-1]) > 0
+    assert float(lc[1]) > 0 and float(hf[3]) == 1.0
