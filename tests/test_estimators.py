@@ -48,6 +48,15 @@ def test_step_grpo_pools_a_groups_step_returns_and_keeps_groups_apart():
     assert ESTIMATORS["step_grpo"](three, P).tolist() == pytest.approx(expected)
 
 
+def test_step_grpo_with_gamma_zero_scores_each_step_by_its_own_reward():
+    # gamma 0 (the shaped Sokoban setting): step returns are the step rewards 1, 0, 0.5, -0.5, whatever
+    # follows them; pooled mean 0.25, unbiased std sqrt(1.25 / 3). With gamma 1 the first step would
+    # carry its successor's reward too (1 + 0, then 0.5 - 0.5 = 0 for the other sample's first step).
+    std = (1.25 / 3) ** 0.5
+    expected = [0.75 / std, -0.25 / std, 0.25 / std, -0.75 / std]
+    assert ESTIMATORS["step_grpo"](TWO, Params(eps=0.0, gamma=0.0)).tolist() == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_blueprints_are_one_step_samples_and_gigpo_falls_back_to_grpo(name):
     returns, group = torch.tensor([3.0, 1.0, 2.0, 5.0, 5.0]), torch.tensor([0, 0, 0, 1, 1])
