@@ -19,7 +19,8 @@ Choices worth knowing:
   Qwen2 runs NEOX rope in llama.cpp, which is HF's layout: no permutation.
 - f32/bf16/f16/q8_0 are written with the `gguf` package (bf16 and q8_0 with its numpy
   quantisers);
-  q4_k_m writes f16 first and runs llama-cpp-python's own quantiser on it. 1-D
+  q4_0 and q4_k_m write f16 first and run llama-cpp-python's own quantiser on it (q4_0 is
+  the format llama.cpp repacks at load for fast CPU matrix products). 1-D
   tensors (norms, biases) stay f32 in every mode, as llama.cpp expects.
 - The vocabulary is padded with unused `[PAD{i}]` tokens up to the embedding rows
   (Qwen2.5 has more rows than tokens).
@@ -48,10 +49,12 @@ from himac.executor import SUB_DONE, SUB_DONE_RULE
 from himac.models import ModelConfig
 from himac.rundir import RunDir
 
-QUANTS = ("f32", "bf16", "f16", "q8_0", "q4_k_m")
+QUANTS = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_k_m")
 FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum value, used by llama_model_quantize
+LLAMA_FTYPE_MOSTLY_Q4_0 = 2
+LLAMA_CPP_QUANTS = {"q4_0": LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": LLAMA_FTYPE_MOSTLY_Q4_K_M}  # made by llama.cpp itself
 
 # Pre-tokenizer regexes of known byte-level BPE tokenizers (tokenizer.json "Split" pattern)
 # and the llama.cpp pre-tokenizer that implements each.
@@ -169,11 +172,11 @@ def write_gguf(state: dict[str, torch.Tensor], hf_config, tokenizer, out: str | 
     fam = family(hf_config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if quant == "q4_k_m":
+    if quant in LLAMA_CPP_QUANTS:
         tmp = out.with_name(out.name + ".f16.tmp")
         try:
             write_gguf(state, hf_config, tokenizer, tmp, "f16", name, pre, progress)
-            quantize_with_llama_cpp(tmp, out, LLAMA_FTYPE_MOSTLY_Q4_K_M)
+            quantize_with_llama_cpp(tmp, out, LLAMA_CPP_QUANTS[quant])
         finally:
             tmp.unlink(missing_ok=True)
         return out
@@ -306,7 +309,7 @@ def quantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> None:
     try:
         import llama_cpp
     except ImportError as e:
-        raise ImportError("q4_k_m needs llama-cpp-python's quantiser: pip install 'himac[llamacpp]'") from e
+        raise ImportError("q4_0 and q4_k_m need llama-cpp-python's quantiser: pip install 'himac[llamacpp]'") from e
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1

@@ -238,7 +238,8 @@ def test_quantised_exports_load_and_stay_close(runs, exported, tmp_path):
     path, _, tok = exported["qwen2"]
     prompt = chat_prompts(tok)[0]
     ref = LlamaCppPolicy(path, n_ctx=1024).logits(prompt)
-    for quant, ftype, min_corr in (("bf16", 32, 0.999), ("f16", 1, 0.999), ("q8_0", 7, 0.99), ("q4_k_m", 15, 0.8)):
+    for quant, ftype, min_corr in (("bf16", 32, 0.999), ("f16", 1, 0.999), ("q8_0", 7, 0.99), ("q4_0", 2, 0.8),
+                                    ("q4_k_m", 15, 0.8)):
         out = export.export_run(runs["qwen2"], tmp_path / f"{quant}.gguf", quant, progress=False)
         assert gguf.GGUFReader(out).fields["general.file_type"].contents() == ftype
         got = LlamaCppPolicy(out, n_ctx=1024).logits(prompt)

@@ -1,6 +1,6 @@
 """Merge a run's LoRA adapter into its base model and write one GGUF file.
 
-    python tools/export_gguf.py --checkpoint runs/sokoban_cpu-XXXX --out agent.gguf [--quant f16|f32|q8_0|q4_k_m]
+    python tools/export_gguf.py --checkpoint runs/sokoban_cpu-XXXX --out agent.gguf [--quant f16|f32|bf16|q8_0|q4_0|q4_k_m]
         [--base trained|original] [--lora-out agent-lora.gguf] [--no-verify]
 
 The file loads in llama.cpp, llama-cpp-python and ollama (see docs/export.md). Beside it go an
