@@ -113,13 +113,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The embedded base runs unquantised on both sides: HF in f32, llama.cpp on GGUFs of the same weights.
-    named = args.checkpoint in models.EMBEDDED or models.is_shape(args.checkpoint)  # a model, not a run
+    shape = models.is_shape(args.checkpoint)
+    named = shape or args.checkpoint in models.EMBEDDED  # a model, not a run
     overrides = C.parse_overrides(args.overrides)
     if named:  # unquantised on both sides: HF in --hf-dtype, llama.cpp on GGUFs of the same weights
         overrides = {"load_in_4bit": False, "dtype": args.hf_dtype, **overrides}
     cfg = evaluate.resolve_config(args.config, args.checkpoint, overrides)
-    shape = models.is_shape(args.checkpoint)
     if shape:
         print(f"{args.checkpoint}: {models.SHAPE_NOTE}", file=sys.stderr)
 
