@@ -26,6 +26,8 @@ Departures from the paper, deliberate:
   blueprints of one task are rolled out once and share the return.
 - A task whose G blueprints are all unparseable has no z*; it sits out Phase B.
 - B > 1 tasks per iteration (the paper's line 2 samples one).
+- Optional (`macro_every: k`, default 1 = off): Phase A in full on every k-th iteration only; in
+  between, z* is the planner's one greedy blueprint, unscored, and the planner is not updated.
 
 The config, the variants and the advantage estimators come from himac.experiment;
 the metrics from himac.metrics; the run directory's layout from himac.rundir.
@@ -104,41 +106,49 @@ class Trainer:
         self._key_sampling(t)
 
         # Phase A: macro exploration ------------------------------------------------------
-        phase("A: blueprints")
+        scored = t % cfg.run.macro_every == 0  # else a light iteration: one greedy blueprint, unscored
+        phase("A: blueprints" if scored else "A: one greedy blueprint")
         tic = time.perf_counter()
         first = self.pool.reset(seeds)
         tasks = list(self.pool.tasks)
         timings["env_s"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        blueprints = planner.generate(self.policy, prompts, tasks, first, cfg.planner, G)  # line 4, (B, G)
+        if not scored:
+            G = 1
+        blueprints = planner.generate(self.policy, prompts, tasks, first, cfg.planner, G,  # line 4, (B, G)
+                                      temperature=None if scored else 0.0)
         timings["plan_generate_s"] = time.perf_counter() - tic
         flat_bp = [z for group in blueprints for z in group]  # (B*G,)
-        unique: dict[tuple, int] = {}
-        for z in flat_bp:
-            if z.valid:
-                unique.setdefault((z.task, tuple(z.subgoals)), len(unique))
-        phase("A: greedy rollouts")
-        episodes = list(unique)  # [(task, subgoals)]
-        greedy = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
-                                   [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=True,
-                                   timings=timings)  # lines 5-7, no grad
-        rollout = [greedy[unique[(z.task, tuple(z.subgoals))]] if z.valid else None for z in flat_bp]
-        returns = torch.tensor([r.ret if r else cfg.planner.blueprint_fail_penalty for r in rollout])  # (B*G,)
-        success = [bool(r and r.success) for r in rollout]
-        crashed = [bool(r and r.end == "env_error") for r in rollout]  # scored by a broken env: no signal
         macro_groups = torch.arange(B).repeat_interleave(G)  # (B*G,)
-        ok = [i for i in range(B * G) if not crashed[i]]
-        adv_a, silent_a = self._advantages(  # line 8
-            [[a] for a in blueprint_advantages(returns[ok], macro_groups[ok], cfg.update).tolist()],
-            [int(macro_groups[i]) for i in ok], ok, [1] * (B * G))
-        keep = [i for i in ok if not (cfg.update.drop_zero_variance and int(macro_groups[i]) in silent_a)]
+        m_macro: dict = {}
+        if scored:
+            unique: dict[tuple, int] = {}
+            for z in flat_bp:
+                if z.valid:
+                    unique.setdefault((z.task, tuple(z.subgoals)), len(unique))
+            phase("A: greedy rollouts")
+            episodes = list(unique)  # [(task, subgoals)]
+            greedy = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
+                                       [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=True,
+                                       timings=timings)  # lines 5-7, no grad
+            rollout = [greedy[unique[(z.task, tuple(z.subgoals))]] if z.valid else None for z in flat_bp]
+            returns = torch.tensor([r.ret if r else cfg.planner.blueprint_fail_penalty for r in rollout])  # (B*G,)
+            success = [bool(r and r.success) for r in rollout]
+            crashed = [bool(r and r.end == "env_error") for r in rollout]  # scored by a broken env: no signal
+            ok = [i for i in range(B * G) if not crashed[i]]
+            adv_a, silent_a = self._advantages(  # line 8
+                [[a] for a in blueprint_advantages(returns[ok], macro_groups[ok], cfg.update).tolist()],
+                [int(macro_groups[i]) for i in ok], ok, [1] * (B * G))
+            keep = [i for i in ok if not (cfg.update.drop_zero_variance and int(macro_groups[i]) in silent_a)]
+        else:  # nothing scored: no advantages, no planner rows; z* is the one blueprint
+            greedy, returns, success, crashed = [], torch.zeros(B), [False] * B, [False] * B
+            adv_a, silent_a, keep = [[0.0] for _ in range(B)], set(), []
         first_a, n_a = dist.offset(len(keep))  # sample ids are global: lower ranks' blueprints come first
         rows_a = planner.training_rows([flat_bp[i] for i in keep], [adv_a[i][0] for i in keep], first_a)
-        m_macro: dict = {}
-        if cfg.run.coevolution:
+        if cfg.run.coevolution and scored:
             phase("A: update")
             m_macro = self._update(rows_a, {BLUEPRINT})  # line 9
-        else:
+        elif scored:
             phase("A: (update deferred)")
 
         # Phase B: micro adaptation -------------------------------------------------------
@@ -159,7 +169,7 @@ class Trainer:
             m_macro = self._update(rows_a + rows_b, {BLUEPRINT, ACTION})
 
         samples = [{"iteration": t, "task": lo + b,
-                    "blueprints": [{"text": z.text, "valid": z.valid, "return": float(returns[b * G + i])}
+                    "blueprints": [{"text": z.text, "valid": z.valid, "return": float(returns[b * G + i]) if scored else None}
                                    for i, z in enumerate(blueprints[b])],
                     "z_star": z_star[b].subgoals if b in z_star else None,
                     "phase_b": _answers(sampled, b)}
@@ -169,8 +179,13 @@ class Trainer:
                           "adv_b": _flat(adv_b), "silent_a": len(silent_a), "silent_b": len(silent_b),
                           "timings": timings, "m_macro": m_macro, "m_micro": m_micro, "samples": samples})
         m_macro, m_micro, timings = g["m_macro"], g["m_micro"], g["timings"]
-        m = {"iteration": t,
-             **metrics.blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"], g["z_star"]),
+        macro = metrics.blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"], g["z_star"])
+        if not scored:  # no greedy scores to report: the headline success is Phase B's, as in a flat iteration
+            macro = {k: v for k, v in macro.items() if k.startswith("macro/blueprint_") or k in (
+                "macro/subgoals_mean", "micro/tasks")}
+            macro["success_rate"] = metrics.mean(tr.success for tr in g["sampled"])
+            macro["macro/return_mean"] = metrics.mean(tr.ret for tr in g["sampled"])
+        m = {"iteration": t, **macro, "macro/scored": float(scored),
              "macro/zero_var_groups": g["silent_a"] / B_all,
              **metrics.trajectories("micro", g["sampled"], g["adv_b"], hierarchy=True),
              "micro/zero_var_groups": g["silent_b"] / max(len(g["z_star"]), 1),

@@ -71,6 +71,12 @@ class RunConfig:
     coevolution: bool = True
     """False: the 'w/o co-evolution' ablation: Phase A and B both roll out with the iteration's starting
     policy and one optimiser step carries the blueprint and the action losses together."""
+    macro_every: int = 1
+    """Phase A in full (G blueprints, each scored by a greedy rollout, the planner's update) on every this
+    many iterations, from iteration 0; between them the planner writes one greedy blueprint per task, which
+    is z*, unscored, and the planner is not updated. 1 = every iteration (Algorithm 1). A departure from the
+    paper for time: Phase A costs about as much generation as Phase B, so k > 1 gives the executor more
+    updates per second."""
     blueprint_choice: str = "best"
     """Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded uniform pick
     among the task's valid blueprints: the 'random blueprint' ablation)."""
@@ -98,6 +104,7 @@ class RunConfig:
         C.check(self.time_clock in ("wall", "cpu"), "time_clock", self.time_clock, "must be 'wall' or 'cpu'")
         C.check(self.sampling in ("auto", "global", "keyed"), "sampling", self.sampling,
                 "must be 'auto', 'global' or 'keyed'")
+        C.check(self.macro_every >= 1, "macro_every", self.macro_every, "must be >= 1")
         C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
                 "must be 'best' or 'random'")
         bad = [r for r in self.report_to if r not in ("jsonl", "tensorboard", "wandb")]

@@ -183,6 +183,48 @@ def test_flat_agent_never_plans_and_trains_actions_only(tmp_path, monkeypatch):
     assert metrics["env/steps"] > 0 and "macro/blueprint_valid_rate" not in metrics
 
 
+def test_macro_every_scores_blueprints_only_on_its_iterations(tmp_path, monkeypatch):
+    """macro_every: 2: iteration 1 is light: one greedy blueprint per task is z*, no greedy scoring,
+    no planner step; iteration 2 is a full Phase A again."""
+    cfg = load_config(None, {**FAST, "macro_every": 2, "sample_log": 2, "optimizer_per_role": True})
+    trainer = Trainer(cfg, RunDir(tmp_path / "run"))
+    events, plans = [], []
+    real_plan, real_gen, real_update = planner.generate, executor.generate, coevolve.policy_update
+
+    def plan(*a, **k):  # the random tiny model's greedy text parses as no plan: give each task a plan of its own
+        plans.append(real_plan(*a, **k))
+        for b, group in enumerate(plans[-1]):
+            for z in group:
+                z.text = f"1. task {b} first\n2. task {b} then"
+                z.subgoals, z.valid = planner.parse_output(z.text, 4)
+        events.append(("plan", a[5], k.get("temperature")))
+        return plans[-1]
+
+    def gen(*a, **k):
+        events.append(("rollout", "greedy" if k["greedy"] else "sampled", sorted({tuple(s) for _, s in a[5]})))
+        return real_gen(*a, **k)
+    monkeypatch.setattr(planner, "generate", plan)
+    monkeypatch.setattr(executor, "generate", gen)
+    monkeypatch.setattr(coevolve, "policy_update", lambda p, o, rows, c, kinds: (
+        events.append(("update", frozenset(kinds))) or real_update(p, o, rows, c, kinds)))
+    planner_steps = lambda: {int(s["step"]) for s in trainer.optimizers.for_kinds({BLUEPRINT}).state.values()}
+    trainer.iteration(0)
+    steps_after_0 = planner_steps()
+    events.clear()
+    m, samples = trainer.iteration(1)
+    assert [e[:2] for e in events] == [("plan", 1), ("rollout", "sampled"), ("update", A)]
+    assert events[0][2] == 0.0  # the one blueprint is greedy
+    greedy_plans = {tuple(z.subgoals) for group in plans[-1] for z in group if z.valid}
+    assert set(events[1][2]) == greedy_plans  # Phase B runs under exactly those blueprints
+    assert planner_steps() == steps_after_0  # no planner step on a light iteration
+    assert m["macro/scored"] == 0.0 and "macro/z_star_success_rate" not in m
+    assert all(bp["return"] is None for s in samples for bp in s["blueprints"])
+    events.clear()
+    trainer.iteration(2)
+    assert [e[:2] for e in events] == [("plan", 2), ("rollout", "greedy"), ("update", B), ("rollout", "sampled"),
+                                       ("update", A)]
+
+
 def test_random_blueprint_switch_reaches_phase_b(tmp_path, monkeypatch):
     calls = []
     real = coevolve.choose_blueprints
@@ -191,7 +233,7 @@ def test_random_blueprint_switch_reaches_phase_b(tmp_path, monkeypatch):
     assert calls == ["random"]
 
 
-@pytest.mark.parametrize("key,value", [("blueprint_choice", "worst"), ("advantage", "ppo")])
+@pytest.mark.parametrize("key,value", [("blueprint_choice", "worst"), ("advantage", "ppo"), ("macro_every", 0)])
 def test_bad_switch_values_name_the_key(key, value):
     from himac.config import ConfigError
     with pytest.raises(ConfigError, match=key):
