@@ -150,3 +150,38 @@ def test_rule_agreement_counts_the_moves_the_reading_rule_would_also_make():
         e.update(task_type="sokoban", success=False, valid_blueprint=True, **{"return": 0.0})
     agree = sum(e["rule_agree"] for e in episodes) / sum(e["rule_moves"] for e in episodes)
     assert summarise(episodes, spec)["rule_agreement"] == agree
+
+
+def _bench_doc(overrides: dict, curves: dict) -> dict:
+    base = {"iterations": 100, "eval_episodes": 128, "eval_offset": 0, "time_clock": "cpu", "time_budget_s": 1800.0}
+    return {"config": "configs/sokoban_bench_shaped.yaml", "overrides": {**base, **overrides}, "seeds": [0, 1],
+            "open_loop": None, "curves": curves}
+
+
+def _curve(successes: list[float]) -> dict:
+    n = len(successes)
+    return {"iteration": list(range(n)), "train_s": [60.0 * i for i in range(n)], "env_steps": list(range(n)),
+            "gen_tokens": list(range(n)), "success": successes, "return": [0.0] * n,
+            "action_top_share": [0.5] * n, "rule_agreement": [0.5] * n}
+
+
+def test_merge_labels_a_variant_by_its_bench_overrides_and_refuses_other_rooms(tmp_path):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_bench_doc({}, {"himac": {"0": _curve([0.0, 0.2]), "1": _curve([0.0, 0.4])},
+                                            "flat_grpo": {"0": _curve([0.1, 0.5])}})))
+    b.write_text(json.dumps(_bench_doc({"macro_every": 2}, {"himac": {"0": _curve([0.0, 0.6]),
+                                                                      "1": _curve([0.0, 0.8])}})))
+    c.write_text(json.dumps(_bench_doc({"eval_offset": 1000000}, {"himac": {"0": _curve([0.0, 0.1])}})))
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(b), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "curves.json").read_text())
+    assert list(doc["curves"]) == ["himac", "flat_grpo", "himac (macro_every=2)"]
+    assert doc["curves"]["himac (macro_every=2)"]["1"]["success"] == [0.0, 0.8]  # b's runs, not a's
+    rows = {line.split("  ")[0].strip(): line.split() for line in proc.stdout.splitlines()[2:5]}
+    assert float(rows["himac (macro_every=2)"][-11]) == 0.7 and float(rows["himac"][-11]) == 0.3  # final means
+    assert (out / "learning.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(c), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "eval_offset" in bad.stderr and "same rooms" in bad.stderr

@@ -250,6 +250,33 @@ def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str 
     plt.close(fig)
 
 
+SAME_ROOMS = ("eval_episodes", "eval_offset", "time_clock")  # merged benches must agree on these
+
+
+def merge(paths: list[Path]) -> dict:
+    """Several benches' curves.json as one: the same config file, held-out rooms and clock, or a ValueError
+    naming what differs. A variant whose bench had overrides the first bench lacks is labelled with them,
+    e.g. 'himac (macro_every=2)', so two benches of one variant can share a table and a plot."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    first = docs[0]
+    out = {**first, "merged_from": [str(p) for p in paths], "curves": {}}
+    for path, doc in zip(paths, docs):
+        if doc["config"] != first["config"]:
+            raise ValueError(f"{path}: config {doc['config']!r}, not {first['config']!r} like {paths[0]}")
+        for key in SAME_ROOMS:
+            if doc["overrides"].get(key) != first["overrides"].get(key):
+                raise ValueError(f"{path}: {key}={doc['overrides'].get(key)!r}, not "
+                                 f"{first['overrides'].get(key)!r} like {paths[0]}: not the same rooms or clock")
+        extra = {k: v for k, v in doc["overrides"].items() if first["overrides"].get(k) != v}
+        tag = f" ({', '.join(f'{k}={v}' for k, v in sorted(extra.items()))})" if extra else ""
+        for name, seeds in doc["curves"].items():
+            label = name + tag
+            if label in out["curves"]:
+                raise ValueError(f"{path}: variant {label!r} is already in an earlier file")
+            out["curves"][label] = seeds
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
@@ -272,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default runs/bench-learning-<time>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key for every variant (repeatable)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="CURVES_JSON",
+                    help="run nothing: put these benches' curves.json (same config, rooms and clock) in one table "
+                         "and plot, in --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return _merged(ap, args)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
@@ -332,6 +364,28 @@ def main(argv: list[str] | None = None) -> int:
               f"best fixed sequence {','.join(ref['sequence']['plan'])} {ref['sequence']['success']:.3f}")
         if "rule" in ref:
             print(f"reading rule {ref['rule']['plan'][0]} (closed loop, hand-written) {ref['rule']['success']:.3f}")
+    print(f"\ncurves: {out / 'curves.json'}\nplot:   {out / 'learning.png'}")
+    return 0
+
+
+def _merged(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.merge if not p.is_file()]
+    if missing:
+        ap.error(f"--merge: no such file {missing[0]}")
+    try:
+        doc = merge(args.merge)
+    except ValueError as e:
+        ap.error(f"--merge: {e}")
+    out = Path(args.out or f"runs/bench-learning-merged-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curves.json").write_text(json.dumps(doc, indent=1))
+    o = doc["overrides"]
+    rooms = "validation" if o.get("eval_offset") else "held-out"
+    title = (f"{Path(doc['config']).stem}: {o.get('eval_episodes')} {rooms} rooms, "
+             f"{len(args.merge)} benches merged")
+    clock = "CPU time" if o.get("time_clock") == "cpu" else "wall-clock"
+    plot(doc["curves"], out / "learning.png", title, clock, doc.get("open_loop"))
+    print(table(summary(doc["curves"])))
     print(f"\ncurves: {out / 'curves.json'}\nplot:   {out / 'learning.png'}")
     return 0
 
