@@ -169,7 +169,8 @@ class Trainer:
             m_macro = self._update(rows_a + rows_b, {BLUEPRINT, ACTION})
 
         samples = [{"iteration": t, "task": lo + b,
-                    "blueprints": [{"text": z.text, "valid": z.valid, "return": float(returns[b * G + i]) if scored else None}
+                    "blueprints": [{"text": z.text, "valid": z.valid,
+                                    "return": float(returns[b * G + i]) if scored else None}
                                    for i, z in enumerate(blueprints[b])],
                     "z_star": z_star[b].subgoals if b in z_star else None,
                     "phase_b": _answers(sampled, b)}
