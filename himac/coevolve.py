@@ -180,12 +180,13 @@ class Trainer:
                           "adv_b": _flat(adv_b), "silent_a": len(silent_a), "silent_b": len(silent_b),
                           "timings": timings, "m_macro": m_macro, "m_micro": m_micro, "samples": samples})
         m_macro, m_micro, timings = g["m_macro"], g["m_micro"], g["timings"]
-        macro = metrics.blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"], g["z_star"])
-        if not scored:  # no greedy scores to report: the headline success is Phase B's, as in a flat iteration
-            macro = {k: v for k, v in macro.items() if k.startswith("macro/blueprint_") or k in (
-                "macro/subgoals_mean", "micro/tasks")}
-            macro["success_rate"] = metrics.mean(tr.success for tr in g["sampled"])
-            macro["macro/return_mean"] = metrics.mean(tr.ret for tr in g["sampled"])
+        if scored:
+            macro = metrics.blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"],
+                                       g["z_star"])
+        else:  # no greedy scores to report: the headline success is Phase B's, as in a flat iteration
+            macro = {**metrics.plans(g["flat_bp"], g["z_star"]),
+                     "success_rate": metrics.mean(tr.success for tr in g["sampled"]),
+                     "macro/return_mean": metrics.mean(tr.ret for tr in g["sampled"])}
         m = {"iteration": t, **macro, "macro/scored": float(scored),
              "macro/zero_var_groups": g["silent_a"] / B_all,
              **metrics.trajectories("micro", g["sampled"], g["adv_b"], hierarchy=True),

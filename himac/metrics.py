@@ -99,11 +99,17 @@ def blueprints(flat_bp: list, returns: torch.Tensor, adv: torch.Tensor, greedy: 
             "macro/return_mean": float(returns.mean()),
             "macro/return_std": std(returns),
             "macro/adv_std": std(adv),
-            "macro/blueprint_valid_rate": sum(z.valid for z in flat_bp) / n,
+            **plans(flat_bp, z_star),
+            "macro/unique_rollouts": len(greedy),
+            "macro/z_star_success_rate": mean(by_id[id(z)] for z in z_star.values())}
+
+
+def plans(flat_bp: list, z_star: dict) -> dict:
+    """What the blueprints are, scored or not (a light iteration of macro_every scores none)."""
+    n = max(len(flat_bp), 1)
+    return {"macro/blueprint_valid_rate": sum(z.valid for z in flat_bp) / n,
             "macro/subgoals_mean": sum(len(z.subgoals) for z in flat_bp) / n,
             "macro/blueprint_tokens_mean": sum(len(z.completion_ids) for z in flat_bp) / n,
-            "macro/unique_rollouts": len(greedy),
-            "macro/z_star_success_rate": mean(by_id[id(z)] for z in z_star.values()),
             "micro/tasks": len(z_star)}
 
 
