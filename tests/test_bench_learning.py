@@ -16,7 +16,8 @@ TINY = ["model=tiny", "tasks_per_iteration=2", "group_size=2", "rollouts_per_blu
 
 def test_bench_learning_seeds_variants_and_shared_start(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "tools/bench_learning.py", "--variants", "himac,flat_gigpo", "--seeds", "0,1",
+    cmd = [sys.executable, "tools/bench_learning.py", "--config", "configs/sokoban_cpu_paper.yaml",
+           "--variants", "himac,flat_gigpo", "--seeds", "0,1",
            "--iterations", "2", "--eval-every", "1", "--eval-episodes", "2", "--jobs", "2", "--open-loop-rooms", "8", "--out", str(out)]
     for kv in TINY:
         cmd += ["--set", kv]

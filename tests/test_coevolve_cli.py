@@ -28,7 +28,8 @@ def lines(path):
 
 def test_one_iteration_of_the_cpu_config(tmp_path):
     out = tmp_path / "run"
-    coevolve("configs/sokoban_cpu.yaml", "--set", "iterations=1", *FAST, "--out", str(out))
+    coevolve("configs/sokoban_cpu.yaml", "--set", "iterations=1", *FAST, "--set", "load_in_4bit=true",
+             "--out", str(out))  # NF4 through the CLI (the CPU default itself trains f32 LoRA)
     (m,) = lines(out / "metrics.jsonl")
     for key in ("iteration", "success_rate", "wall_s", "macro/return_mean", "micro/return_mean",
                 "env/invalid_action_rate", "time/generate_s", "time/update_s", "time/env_s", "eval/success_rate"):
@@ -37,6 +38,7 @@ def test_one_iteration_of_the_cpu_config(tmp_path):
     assert [e["iteration"] for e in lines(out / "eval.jsonl")] == [-1, 0]  # before and after training
     cfg = (out / "config.yaml").read_text()
     assert "model: tiny" in cfg and "group_size: 2" in cfg and "load_in_4bit: true" in cfg
+    assert "macro_every: 2" in cfg  # and the file's own keys
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 0 and run["versions"]["torch"]
     assert (out / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
@@ -46,7 +48,7 @@ def test_one_iteration_of_the_cpu_config(tmp_path):
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["configs/sokoban_cpu.yaml", *FAST, "--set", "load_in_4bit=false", "--set", "eval_episodes=0"]
+    common = ["configs/sokoban_cpu_paper.yaml", *FAST, "--set", "load_in_4bit=false", "--set", "eval_episodes=0"]
     coevolve(*common, "--set", "iterations=2", "--out", str(straight))
     coevolve(*common, "--set", "iterations=1", "--out", str(split))
     coevolve("--resume", str(split), "--set", "iterations=2")
@@ -79,7 +81,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     (["--set", "lr=[1"], "lr=[1"),
 ])
 def test_bad_config_exits_with_the_key_named(tmp_path, args, needle):
-    proc = coevolve("configs/sokoban_cpu.yaml", *args, "--out", str(tmp_path / "x"), check=False)
+    proc = coevolve("configs/sokoban_cpu_paper.yaml", *args, "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()  # nothing written for a run that never started
 
@@ -99,19 +101,20 @@ def test_unreadable_config_files_are_named(tmp_path, content, needle):
 def test_out_must_be_a_fresh_directory(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    proc = coevolve("configs/sokoban_cpu.yaml", "--out", str(a_file), check=False)
+    proc = coevolve("configs/sokoban_cpu_paper.yaml", "--out", str(a_file), check=False)
     assert proc.returncode == 2 and "is a file" in proc.stderr
     logs_only = tmp_path / "logs"
     logs_only.mkdir()
     (logs_only / "metrics.jsonl").write_text('{"iteration": 0}\n')
-    proc = coevolve("configs/sokoban_cpu.yaml", "--out", str(logs_only), check=False)
+    proc = coevolve("configs/sokoban_cpu_paper.yaml", "--out", str(logs_only), check=False)
     assert proc.returncode == 2 and "another run" in proc.stderr
     assert (logs_only / "metrics.jsonl").read_text() == '{"iteration": 0}\n'  # untouched
 
 
 def test_resume_refuses_shape_changes_and_broken_files(tmp_path):
     out = tmp_path / "run"
-    coevolve("configs/sokoban_cpu.yaml", "--set", "iterations=1", *FAST, "--set", "eval_episodes=0", "--out", str(out))
+    coevolve("configs/sokoban_cpu_paper.yaml", "--set", "iterations=1", *FAST, "--set", "eval_episodes=0",
+             "--out", str(out))
     config = (out / "config.yaml").read_text()
     proc = coevolve("--resume", str(out), "--set", "lora_r=4", check=False)
     assert proc.returncode == 2 and "lora_r" in proc.stderr and "cannot change on resume" in proc.stderr
@@ -149,8 +152,9 @@ def test_metrics_are_valid_json_even_with_nan(tmp_path):
 
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
-    coevolve("configs/sokoban_cpu.yaml", "--set", "iterations=1", *FAST, "--set", "eval_episodes=0", "--out", str(out))
-    proc = coevolve("configs/sokoban_cpu.yaml", *FAST, "--out", str(out), check=False)
+    coevolve("configs/sokoban_cpu_paper.yaml", "--set", "iterations=1", *FAST, "--set", "eval_episodes=0",
+             "--out", str(out))
+    proc = coevolve("configs/sokoban_cpu_paper.yaml", *FAST, "--out", str(out), check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     proc = coevolve("--resume", str(tmp_path / "nothing"), check=False)
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr

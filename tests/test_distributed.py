@@ -28,7 +28,8 @@ from himac import distributed, groups
 from himac.update import ACTION, Row, UpdateConfig, policy_update
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["configs/sokoban_cpu.yaml", "--set", "model=tiny", "--set", "load_in_4bit=false", "--set", "sampling=keyed",
+ARGS = ["configs/sokoban_cpu_paper.yaml", "--set", "model=tiny", "--set", "load_in_4bit=false",
+        "--set", "sampling=keyed",
         "--set", "tasks_per_iteration=4", "--set", "group_size=3", "--set", "rollouts_per_blueprint=3",
         "--set", "blueprint_max_tokens=10", "--set", "action_max_tokens=4", "--set", "max_steps=3",
         "--set", "planner_temperature=2.0", "--set", "executor_temperature=2.0", "--set", "mini_batches=2",

@@ -50,7 +50,7 @@ def test_cli_reports_the_same_for_both_backends(run, tmp_path):
     pytest.importorskip("llama_cpp")
     out = {b: tmp_path / f"{b}.json" for b in evaluate.BACKENDS}
     for b in evaluate.BACKENDS:
-        proc = evaluate_cli("configs/sokoban_cpu.yaml", "--checkpoint", run, "--backend", b, "--episodes", 3,
+        proc = evaluate_cli("configs/sokoban_cpu_paper.yaml", "--checkpoint", run, "--backend", b, "--episodes", 3,
                             "--threads", 1,
                             *SHORT, "--out", out[b])
         assert "success_rate" in proc.stdout and "perf/episodes_per_s" in proc.stdout  # the table
@@ -65,7 +65,7 @@ def test_cli_reports_the_same_for_both_backends(run, tmp_path):
 
 
 def test_cli_errors_name_the_bad_value(run, tmp_path):
-    proc = evaluate_cli("configs/sokoban_cpu.yaml", "--checkpoint", tmp_path / "nope.gguf", check=False)
+    proc = evaluate_cli("configs/sokoban_cpu_paper.yaml", "--checkpoint", tmp_path / "nope.gguf", check=False)
     assert proc.returncode == 2 and "nope.gguf" in proc.stderr and "Traceback" not in proc.stderr
     proc = evaluate_cli("--checkpoint", run, "--set", "gruop_size=3", check=False)
     assert proc.returncode == 2 and "gruop_size" in proc.stderr and "Traceback" not in proc.stderr
@@ -78,7 +78,7 @@ def test_embedded_smollm2_gguf_plays_sokoban_through_llamacpp():
         models.embedded_gguf("smollm2-135m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    cfg = evaluate.resolve_config(str(ROOT / "configs" / "sokoban_cpu.yaml"), "smollm2-135m", {"max_steps": 4})
+    cfg = evaluate.resolve_config(str(ROOT / "configs" / "sokoban_cpu_paper.yaml"), "smollm2-135m", {"max_steps": 4})
     policy = evaluate.load_backend("llamacpp", "smollm2-135m", cfg, threads=1)
     report = evaluate.run_evaluation(policy, cfg, 3, progress=False)
     episodes = report["episodes"]

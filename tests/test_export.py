@@ -26,7 +26,7 @@ def make_run(path: Path, model: str = "tiny", lora_std: float = 0.2, seed: int =
     """A run directory as coevolve writes it (config.yaml + checkpoint/adapter), with a random adapter."""
     settings = {"model": model, "load_in_4bit": False, "lora_r": 4, "lora_alpha": 8, "blueprint_max_tokens": 12,
                 "action_max_tokens": 4, "max_solution_moves": 1, "max_steps": 4, **overrides}
-    cfg = load_config(ROOT / "configs" / "sokoban_cpu.yaml", settings)
+    cfg = load_config(ROOT / "configs" / "sokoban_cpu_paper.yaml", settings)
     run = RunDir(path)
     run.write_config(cfg.flat())
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from himac import quiet, reporting
 from himac.rundir import RunDir
 from test_coevolve_cli import FAST, ROOT, coevolve, lines
 
-TINY = ["configs/sokoban_cpu.yaml", *FAST, "--set", "load_in_4bit=false"]
+TINY = ["configs/sokoban_cpu_paper.yaml", *FAST, "--set", "load_in_4bit=false"]
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -139,7 +139,7 @@ def test_server_errors_are_named(exported, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here now
-    proc = evaluate_cli("--checkpoint", gguf, "configs/sokoban_cpu.yaml", "--url", f"http://127.0.0.1:{port}",
+    proc = evaluate_cli("--checkpoint", gguf, "configs/sokoban_cpu_paper.yaml", "--url", f"http://127.0.0.1:{port}",
                         check=False)
     assert proc.returncode == 2 and "is the server running?" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(ServerError, match="is the server running"):

@@ -1,7 +1,7 @@
 """Benchmark: the same held-out evaluation episodes on the HF backend and the llama.cpp backend,
 and llama.cpp's single-stream decode speed against the memory-bandwidth bound.
 
-    python tools/bench_eval.py [--config configs/sokoban_cpu.yaml] [--checkpoint smollm2-135m|RUN_DIR]
+    python tools/bench_eval.py [--config configs/sokoban_cpu_paper.yaml] [--checkpoint smollm2-135m|RUN_DIR]
         [--episodes 8] [--quants f32,bf16,q8_0] [--decode-tokens 64] [--pp-tokens 256] [--threads N]
     python tools/bench_eval.py --checkpoint shape:qwen2.5-1.5b-instruct --hf-dtype bfloat16 \
         --quants bf16,q8_0,q4_0,q4_k_m --set action_choices=true      # the users' size, random weights
@@ -99,7 +99,7 @@ def decode_speed(policy: LlamaCppPolicy, prompt: list[int], n: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
+    ap.add_argument("--config", default="configs/sokoban_cpu_paper.yaml")
     ap.add_argument("--checkpoint", default="smollm2-135m", help="run directory or embedded model name")
     ap.add_argument("--episodes", type=int, default=8)
     ap.add_argument("--quants", default="f32,bf16,q8_0", help="export precisions to run through llama.cpp")

@@ -1,6 +1,6 @@
 """Data-parallel scaling: iterations per minute and generated tokens per second at 1, 2, ... ranks.
 
-    python tools/bench_scaling.py --config configs/sokoban_cpu.yaml --ranks 1,2 --iterations 4 \\
+    python tools/bench_scaling.py --config configs/sokoban_cpu_paper.yaml --ranks 1,2 --iterations 4 \\
         --out runs/bench_scaling
     python tools/bench_scaling.py --ranks 1,2 --iterations 1 --set model=tiny --set load_in_4bit=false  # a check
 
@@ -55,7 +55,7 @@ def rates(run: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
+    ap.add_argument("--config", default="configs/sokoban_cpu_paper.yaml")
     ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="threads per rank (OMP_NUM_THREADS)")

@@ -167,7 +167,7 @@ def nan_trial(kind: str, tmp: Path, config: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/sokoban_cpu.yaml")
+    ap.add_argument("--config", default="configs/sokoban_cpu_paper.yaml")
     ap.add_argument("--trials", type=int, default=20, help="kill -9 trials (half at named points, half at random)")
     ap.add_argument("--points", default=",".join(CRASH_POINTS), help="named crash points to cycle through")
     ap.add_argument("--no-random", action="store_true", help="every kill trial at a named point")
