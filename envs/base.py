@@ -102,6 +102,9 @@ class EnvSpec:
     rule: Callable[[Any], Any] | None = None
     """A one-line hand-written policy that reads the state (env -> action), e.g. Sokoban's "step toward the
     box": what the simplest use of the observation achieves, drawn beside learning curves."""
+    solution: Callable[[Any, int], list] | None = None
+    """(config, seed) -> actions that solve that episode (Sokoban's BFS), for diagnostics: the oracle plans of
+    tools/probe_plans.py. None where the env has no solver."""
 
     def pool(self, cfg: Any, evaluation: bool = False):
         """The env pool for `cfg`: SerialPool unless the env brings its own (e.g. worker processes)."""

@@ -434,6 +434,11 @@ def toward_box(env: SokobanEnv) -> str:
     return "left" if dc < 0 else "right"
 
 
+def solution(cfg: SokobanConfig, seed: int) -> list[str]:
+    """The BFS-shortest moves that solve the room of `seed` (EnvSpec.solution)."""
+    return generate(cfg, seed)[2]
+
+
 def report(episodes: list[dict]) -> dict:
     """Sokoban's own summary: how many more moves than the BFS optimum, on solved rooms."""
     solved = [e for e in episodes if e["success"] and e.get("optimal_moves") is not None]
@@ -443,4 +448,5 @@ def report(episodes: list[dict]) -> dict:
 
 
 SPEC = EnvSpec(name="sokoban", config=SokobanConfig, make=SokobanEnv, parse_action=parse_action,
-               prompts=PROMPTS, task_types=("sokoban",), report=report, actions=tuple(ACTIONS), rule=toward_box)
+               prompts=PROMPTS, task_types=("sokoban",), report=report, actions=tuple(ACTIONS), rule=toward_box,
+               solution=solution)

@@ -1,0 +1,104 @@
+"""tools/probe_plans.py: oracle plans solve their rooms, and the probe tells an executor that follows its plan
+from one that ignores it (two scripted executors, stand-ins for a trained model, which the probe measures)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from envs import get_spec
+from envs.seeds import VALIDATION_OFFSET, eval_seeds
+from himac import config as C
+from himac.experiment import load_config
+from himac.policy import Completion, chat_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "sokoban_bench_shaped.yaml"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("probe_plans", ROOT / "tools" / "probe_plans.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+class Executor:
+    """Plans "1. Push the box onto the target."; as the executor, `obey=True` makes the move its sub-goal names
+    next ("Move right, then up." : right, then up, counted by the segment's history lines), `obey=False`
+    always answers up."""
+
+    def __init__(self, tokenizer, obey: bool):
+        self.tokenizer, self.obey = tokenizer, obey
+        self.eos_ids = [tokenizer.eos_token_id]
+
+    def tokenize(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_images(self, messages, prefix, images):
+        return chat_ids(self.tokenizer, messages, prefix), None
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def answer(self, prompt: str) -> str:
+        goal = re.search(r"Sub-goal \(\d+/\d+\): (.*)", prompt)
+        if goal is None:
+            return " Push the box onto the target."
+        named = re.findall(r"\b(up|down|left|right)\b", goal.group(1)) if self.obey else []
+        done = len(re.findall(r"^- ", prompt.split("Map (")[0], re.MULTILINE))  # this segment's steps so far
+        return " " + (named[done] if done < len(named) else "up")
+
+    def generate(self, prompts, max_new_tokens, temperature, stop_at_newline=False, choices=None, **_):
+        out = []
+        for ids in prompts:
+            text = self.answer(self.tokenizer.decode(ids))
+            out.append(Completion(self.tokenize(text) + self.eos_ids, text))
+        return out
+
+
+def config():
+    # every step of a segment in the prompt (the obeying executor counts them)
+    return load_config(CONFIG, C.parse_overrides(["history_window=4"]))
+
+
+def test_oracle_plans_name_the_solution_and_solve_the_room():
+    probe, cfg, spec = load(), config(), get_spec("sokoban")
+    for seed in eval_seeds(6, VALIDATION_OFFSET):
+        moves = spec.solution(cfg.env, seed)
+        plan = probe.oracle_plan(moves, 3, 2)
+        assert 1 <= len(plan) <= 2 and re.findall(r"up|down|left|right", " ".join(plan)) == moves
+        env = spec.make(cfg.env)
+        env.reset(seed)
+        assert [env.step(m)[3].get("success", False) for m in moves][-1]
+    assert probe.oracle_plan(list("abcdefg"), 2, 3) == ["Move a, then b.", "Move c, then d.",
+                                                         "Move e, then f, then g."]
+    with pytest.raises(ValueError, match="at least one move"):
+        probe.oracle_plan([], 3, 2)
+
+
+@pytest.mark.parametrize("obey", [True, False])
+def test_the_probe_tells_a_follower_from_an_executor_that_ignores_its_plan(tiny_tokenizer, obey):
+    probe, cfg, spec = load(), config(), get_spec("sokoban")
+    rows = {r["condition"]: r for r in probe.probe(Executor(tiny_tokenizer, obey), spec, cfg,
+                                                   eval_seeds(8, VALIDATION_OFFSET))}
+    assert list(rows) == ["own", "task only", "oracle", "wrong"]
+    task = "Push the box onto the target."
+    assert rows["own"]["first = plan"] is None and rows["own"]["example"] == f"{task} | {task}"  # padded to 2
+    if obey:
+        assert rows["oracle"]["success"] == 1.0 and rows["oracle"]["first = plan"] == 1.0
+        assert rows["oracle"]["first = solution"] == 1.0
+        assert rows["wrong"]["first = plan"] == 1.0 and rows["wrong"]["success"] <= 0.5
+    else:  # the same moves whatever the plan: the same success under all four
+        assert len({r["success"] for r in rows.values()}) == 1
+        assert rows["oracle"]["first = plan"] < 1.0
+
+
+def test_the_cli_prints_one_row_per_blueprint(capsys):
+    assert load().main(["--config", str(CONFIG), "--set", "model=tiny", "--rooms", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(own|task only|oracle|wrong) +([01]\.\d{3}) ", out, re.MULTILINE)
+    assert [name for name, _ in rows] == ["own", "task only", "oracle", "wrong"]
+    assert "oracle - wrong:" in out and "validation range" in out
+    with pytest.raises(SystemExit):
+        load().main(["--config", str(CONFIG), "--set", "model=tiny", "--rooms", "1"])

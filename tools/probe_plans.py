@@ -1,0 +1,135 @@
+"""Diagnostic: does the executor listen to its plan?
+
+    python tools/probe_plans.py --config configs/sokoban_bench_shaped.yaml                     # untrained SmolLM2
+    python tools/probe_plans.py --config configs/sokoban_bench_shaped.yaml --checkpoint runs/x  # a trained run
+    python tools/probe_plans.py --config configs/sokoban_bench_shaped.yaml --set model=tiny --rooms 4
+
+The hierarchy can only pay off if the executor acts on the blueprint it is given: a sub-goal
+is a line of its prompt, and nothing in the update makes it matter unless plans that are
+followed earn more than plans that are not. This measures it directly. Every room (the
+validation range unless `--reporting`) is played greedily by the executor, the same rollout
+as Phase A's scoring, under hand-written blueprints:
+
+- `own`: the planner's greedy blueprint (what evaluation and a light iteration use);
+- `task only`: sub-goals that repeat the task ("Push the box onto the target."), no plan;
+- `oracle`: the env's solution (EnvSpec.solution, Sokoban's BFS) as sub-goals naming the moves,
+  "Move right, then up.", one sub-goal per `subgoal_step_limit` moves, at most `max_subgoals`;
+- `wrong`: the oracle plan of another room: well formed, as confident, and wrong here.
+
+Each is padded to `max_subgoals` sub-goals with the task's sentence, so all four give the
+executor the same number of moves.
+
+It prints greedy success, moves made, and how often the first move is the solution's and the
+plan's own first move. An executor that follows plans succeeds far more under `oracle` than
+under `wrong`, and its first move is the plan's; one that ignores them scores the same on all
+four rows. A planner can only teach it to follow by Phase A's scores, which are equal for every
+blueprint while the executor ignores them (macro advantages 0).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from envs import get_spec  # noqa: E402
+from envs.seeds import VALIDATION_OFFSET, eval_seeds  # noqa: E402
+from himac import config as C, executor, models, planner  # noqa: E402
+from himac.evaluate import load_backend  # noqa: E402
+from himac.evaluation import format_table  # noqa: E402
+from himac.experiment import load_config  # noqa: E402
+from himac.policy import Policy  # noqa: E402
+
+
+def oracle_plan(moves: list[str], step_limit: int, max_subgoals: int) -> list[str]:
+    """The moves as sub-goals of `step_limit` moves each; the last sub-goal takes whatever is left over."""
+    if not moves:
+        raise ValueError("an oracle plan needs at least one move (the room is already solved?)")
+    parts = [moves[i:i + step_limit] for i in range(0, len(moves), step_limit)]
+    parts = parts[:max_subgoals - 1] + [sum(parts[max_subgoals - 1:], [])] if len(parts) > max_subgoals else parts
+    return ["Move " + ", then ".join(p) + "." for p in parts]
+
+
+def plans(spec, cfg, seeds: list[int], tasks: list[str], own: list[list[str]]) -> dict[str, tuple[list, list]]:
+    """Condition -> (blueprint per room, the moves it names per room or None). Every blueprint is padded to
+    `max_subgoals` sub-goals with the task's sentence, so every condition gets the same step budget
+    (a segment ends after `subgoal_step_limit` moves: a one-line plan would stop the episode sooner)."""
+    moves = [list(spec.solution(cfg.env, s)) for s in seeds]
+    limit, k = cfg.executor.subgoal_step_limit, cfg.planner.max_subgoals
+    wrong = moves[1:] + moves[:1]  # the next room's solution
+
+    def pad(plan: list[str], task: str) -> list[str]:
+        return plan + [task] * (k - len(plan))
+    return {"own": ([pad(p, t) for p, t in zip(own, tasks)], [None] * len(seeds)),
+            "task only": ([pad([], t) for t in tasks], [None] * len(seeds)),
+            "oracle": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(moves, tasks)], moves),
+            "wrong": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(wrong, tasks)], wrong)}
+
+
+def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
+    """One row per condition: success, moves, first-move agreement with the solution and with the plan."""
+    pool = spec.pool(cfg.env, evaluation=True)
+    try:
+        first = pool.reset(seeds)
+        tasks = list(pool.tasks)
+        own = planner.generate(policy, spec.prompts, tasks, first, cfg.planner, 1, temperature=0.0)
+        own_plans = [g[0].subgoals or [t] for g, t in zip(own, tasks)]  # an unparsable plan: the task alone
+        solutions = [list(spec.solution(cfg.env, s)) for s in seeds]
+        rows = []
+        for name, (bps, named) in plans(spec, cfg, seeds, tasks, own_plans).items():
+            trajs = executor.generate(policy, spec.prompts, spec.parse_action, pool, seeds,
+                                      list(enumerate(bps)), cfg.executor, greedy=True)
+            firsts = [next((s.action for s in t.steps if s.action is not None), None) for t in trajs]
+            n = len(trajs)
+            rows.append({"condition": name, "success": sum(t.success for t in trajs) / n,
+                         "moves": sum(sum(s.action is not None for s in t.steps) for t in trajs) / n,
+                         "first = solution": sum(f == m[0] for f, m in zip(firsts, solutions)) / n,
+                         "first = plan": (sum(f == m[0] for f, m in zip(firsts, named)) / n
+                                          if named[0] is not None else None),
+                         "example": " | ".join(bps[0])})
+        return rows
+    finally:
+        pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--checkpoint", help="run directory (python -m himac.coevolve --out); default: the "
+                    "config's untrained model")
+    ap.add_argument("--rooms", type=int, default=128)
+    ap.add_argument("--reporting", action="store_true",
+                    help="the reporting range of held-out rooms (default: the validation range)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, C.parse_overrides(args.overrides))
+    except C.ConfigError as e:
+        ap.error(str(e))
+    spec = get_spec(cfg.run.env)
+    if spec.solution is None:
+        ap.error(f"env {cfg.run.env!r} has no solver (EnvSpec.solution) to write oracle plans with")
+    if args.rooms < 2:
+        ap.error(f"--rooms {args.rooms}: needs at least 2 (the wrong plan is another room's)")
+    if args.checkpoint:
+        policy = load_backend("hf", args.checkpoint, cfg)
+    else:
+        model, tok = models.load(cfg.model)
+        policy = Policy(model, tok, gen_batch_size=cfg.run.gen_batch_size)
+    seeds = eval_seeds(args.rooms, 0 if args.reporting else VALIDATION_OFFSET)
+    rows = probe(policy, spec, cfg, seeds)
+    rng = "reporting" if args.reporting else "validation"
+    print(f"config {args.config}  checkpoint {args.checkpoint or cfg.model.model + ' (untrained)'}  "
+          f"{len(seeds)} held-out rooms ({rng} range), greedy executor\n")
+    print(format_table([[r["condition"], f"{r['success']:.3f}", f"{r['moves']:.2f}", f"{r['first = solution']:.2f}",
+                         "" if r["first = plan"] is None else f"{r['first = plan']:.2f}", r["example"][:60]]
+                        for r in rows],
+                       ["blueprint", "success", "moves", "first move = solution's", "first move = plan's",
+                        "room 1's blueprint"]))
+    by = {r["condition"]: r["success"] for r in rows}
+    print(f"\noracle - wrong: {by['oracle'] - by['wrong']:+.3f} success (0: the executor ignores its plan)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
