@@ -16,7 +16,8 @@ def test_bench_eval_runs_a_shape_model_on_both_backends_with_fixed_lengths(capsy
     pytest.importorskip("llama_cpp")
     import bench_eval
     assert bench_eval.main(["--checkpoint", CUT, "--episodes", "1", "--quants", "f32", "--decode-tokens", "4",
-                            "--pp-tokens", "32", "--threads", "1", "--set", "action_choices=true"]) == 0
+                            "--pp-tokens", "32", "--threads", "1", "--decode-threads", "1,2",
+                            "--set", "action_choices=true"]) == 0
     out = capsys.readouterr().out
     assert "shape model: random weights, for measurement only" in out
     rows: dict[str, list[str]] = {}
@@ -27,3 +28,15 @@ def test_bench_eval_runs_a_shape_model_on_both_backends_with_fixed_lengths(capsy
     # random weights write noise: the caps (blueprint_max_tokens, one action word) fix both sides' lengths
     assert int(hf[-1]) == int(lc[-1]) > 0
     assert float(lc[1]) > 0 and float(hf[3]) == 1.0
+    # the decode rows: one per thread count, each against the first (1 thread)
+    decode = re.findall(r"^llama\.cpp export f32\s+(\d+)\s+\S+\s+(\S+)\s+\S+\s+\S+\s+(\S+)$", out, re.M)
+    assert [d[0] for d in decode] == ["1", "2"]
+    assert float(decode[0][2]) == 1.0 and float(decode[1][2]) == pytest.approx(float(decode[1][1]) / float(decode[0][1]),
+                                                                               rel=1e-2)
+
+
+def test_bench_eval_names_a_bad_thread_count(capsys):
+    import bench_eval
+    with pytest.raises(SystemExit):
+        bench_eval.main(["--decode-threads", "1,x"])
+    assert "--decode-threads '1,x'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ and llama.cpp's single-stream decode speed against the memory-bandwidth bound.
         [--episodes 8] [--quants f32,bf16,q8_0] [--decode-tokens 64] [--pp-tokens 256] [--threads N]
     python tools/bench_eval.py --checkpoint shape:qwen2.5-1.5b-instruct --hf-dtype bfloat16 \
         --quants bf16,q8_0,q4_0,q4_k_m --set action_choices=true      # the users' size, random weights
+    python tools/bench_eval.py ... --decode-threads 1,2      # decode speed against threads: bandwidth or compute?
 
 A shape model (docs/shapes.md) has the architecture of the named model and random weights: it
 measures speed at that size and nothing else (the table says so). Its answers are noise, so the
@@ -106,11 +107,20 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--pp-tokens", type=int, default=256, help="prompt length for the prompt-processing rows")
     ap.add_argument("--threads", type=int, help="threads for both torch and llama.cpp (default: all cores)")
+    ap.add_argument("--decode-threads", help="comma-separated thread counts for the decode rows, e.g. 1,2: "
+                    "decode speed against threads tells a bandwidth-bound decode (flat) from a compute-bound one "
+                    "(rising with threads) (default: --threads)")
     ap.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the HF side's dtype for a named model (embedded or shape); a run keeps its own")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides (e.g. action_choices=true)")
     args = ap.parse_args(argv)
+    try:
+        sweep = [int(t) for t in args.decode_threads.split(",")] if args.decode_threads else [args.threads]
+    except ValueError:
+        ap.error(f"--decode-threads {args.decode_threads!r}: expected thread counts like 1,2")
+    if any(t is not None and t < 1 for t in sweep):
+        ap.error(f"--decode-threads {args.decode_threads!r}: thread counts must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = models.is_shape(args.checkpoint)
@@ -156,8 +166,12 @@ def main(argv=None) -> int:
         r["computed"] = policy.evaluated_tokens / (r["perf/prompt_tokens"] + r["perf/generated_tokens"])
         pp[name] = prefill_speed(policy, args.pp_tokens)
         prompt = policy.encode(decode_messages, "")
-        policy.clear_cache()
-        decode[name] = decode_speed(policy, prompt, args.decode_tokens)
+        for threads in sweep:
+            if threads != args.threads:  # another thread count: a fresh engine
+                del policy
+                policy = LlamaCppPolicy(path, n_threads=threads, seed=cfg.run.seed)
+            policy.clear_cache()
+            decode[name, threads] = decode_speed(policy, prompt, args.decode_tokens)
         del policy
 
     base = results[hf_name]["perf/episodes_per_s"]
@@ -183,10 +197,17 @@ def main(argv=None) -> int:
     for name, path in ggufs.items():
         nbytes = weight_bytes(path)
         bound = bandwidth / nbytes
-        drows.append([f"llama.cpp {name}", nbytes / 2**20, decode[name], bound, decode[name] / bound])
+        for threads in sweep:
+            tok_s = decode[name, threads]
+            drows.append([f"llama.cpp {name}", threads or "all", nbytes / 2**20, tok_s, bound, tok_s / bound,
+                          tok_s / decode[name, sweep[0]]])
     print(f"\nsingle-stream decode ({args.decode_tokens} tokens after a {len(prompt)}-token prompt); "
           f"copy bandwidth {bandwidth / 1e9:.2f} GB/s")
-    print(format_table(drows, ["model", "weights MiB", "decode tok/s", "bound tok/s", "of bound"]))
+    print(format_table(drows, ["model", "threads", "weights MiB", "decode tok/s", "bound tok/s", "of bound",
+                               f"x {sweep[0] or 'all'} threads"]))
+    if len(sweep) > 1:
+        print("(decode reads every weight once a token: bandwidth-bound, it stays flat as threads are added; "
+              "compute-bound, it rises with them)")
     return 0
 
 
