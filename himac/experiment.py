@@ -153,6 +153,20 @@ def load_config(path: str | Path | None, overrides: dict | None = None, base: di
     return cfg
 
 
+def config_arguments(ap) -> None:
+    """A tool's `--config FILE` and repeatable `--set KEY=VALUE` (read back by config_from_args)."""
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def config_from_args(ap, args) -> Config:
+    """The Config named by config_arguments' flags; a bad file or value exits through `ap.error`, naming it."""
+    try:
+        return load_config(args.config, C.parse_overrides(args.overrides))
+    except C.ConfigError as e:
+        ap.error(str(e))
+
+
 def check_groups(cfg: Config) -> None:
     """A group of one has nothing to compare with: Eq. 2 gives it advantage 0 for ever."""
     C.check(cfg.executor.rollouts_per_blueprint >= 2, "rollouts_per_blueprint", cfg.executor.rollouts_per_blueprint,

@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from envs import get_spec  # noqa: E402
 from envs.seeds import VALIDATION_OFFSET, eval_seeds  # noqa: E402
-from himac import config as C, executor, models, planner  # noqa: E402
+from himac import executor, models, planner  # noqa: E402
 from himac.evaluate import load_backend  # noqa: E402
 from himac.evaluation import format_table  # noqa: E402
-from himac.experiment import load_config  # noqa: E402
+from himac.experiment import config_arguments, config_from_args  # noqa: E402
 from himac.policy import Policy  # noqa: E402
 
 
@@ -50,18 +50,18 @@ def oracle_plan(moves: list[str], step_limit: int, max_subgoals: int) -> list[st
     return ["Move " + ", then ".join(p) + "." for p in parts]
 
 
-def plans(spec, cfg, seeds: list[int], tasks: list[str], own: list[list[str]]) -> dict[str, tuple[list, list]]:
-    """Condition -> (blueprint per room, the moves it names per room or None). Every blueprint is padded to
+def plans(cfg, moves: list[list[str]], tasks: list[str], own: list[list[str]]) -> dict[str, tuple[list, list]]:
+    """Condition -> (blueprint per room, the moves it names per room or None), from each room's solution
+    `moves`. Every blueprint is padded to
     `max_subgoals` sub-goals with the task's sentence, so every condition gets the same step budget
     (a segment ends after `subgoal_step_limit` moves: a one-line plan would stop the episode sooner)."""
-    moves = [list(spec.solution(cfg.env, s)) for s in seeds]
     limit, k = cfg.executor.subgoal_step_limit, cfg.planner.max_subgoals
     wrong = moves[1:] + moves[:1]  # the next room's solution
 
     def pad(plan: list[str], task: str) -> list[str]:
         return plan + [task] * (k - len(plan))
-    return {"own": ([pad(p, t) for p, t in zip(own, tasks)], [None] * len(seeds)),
-            "task only": ([pad([], t) for t in tasks], [None] * len(seeds)),
+    return {"own": ([pad(p, t) for p, t in zip(own, tasks)], [None] * len(tasks)),
+            "task only": ([pad([], t) for t in tasks], [None] * len(tasks)),
             "oracle": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(moves, tasks)], moves),
             "wrong": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(wrong, tasks)], wrong)}
 
@@ -76,7 +76,7 @@ def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
         own_plans = [g[0].subgoals or [t] for g, t in zip(own, tasks)]  # an unparsable plan: the task alone
         solutions = [list(spec.solution(cfg.env, s)) for s in seeds]
         rows = []
-        for name, (bps, named) in plans(spec, cfg, seeds, tasks, own_plans).items():
+        for name, (bps, named) in plans(cfg, solutions, tasks, own_plans).items():
             trajs = executor.generate(policy, spec.prompts, spec.parse_action, pool, seeds,
                                       list(enumerate(bps)), cfg.executor, greedy=True)
             firsts = [next((s.action for s in t.steps if s.action is not None), None) for t in trajs]
@@ -94,18 +94,14 @@ def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config_arguments(ap)
     ap.add_argument("--checkpoint", help="run directory (python -m himac.coevolve --out); default: the "
                     "config's untrained model")
     ap.add_argument("--rooms", type=int, default=128)
     ap.add_argument("--reporting", action="store_true",
                     help="the reporting range of held-out rooms (default: the validation range)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, C.parse_overrides(args.overrides))
-    except C.ConfigError as e:
-        ap.error(str(e))
+    cfg = config_from_args(ap, args)
     spec = get_spec(cfg.run.env)
     if spec.solution is None:
         ap.error(f"env {cfg.run.env!r} has no solver (EnvSpec.solution) to write oracle plans with")

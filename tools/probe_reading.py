@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from envs import get_spec  # noqa: E402
 from envs.seeds import VALIDATION_OFFSET, eval_seeds, task_seeds  # noqa: E402
-from himac import choices, config as C, executor, models  # noqa: E402
-from himac.experiment import load_config  # noqa: E402
+from himac import choices, executor, models  # noqa: E402
+from himac.experiment import config_arguments, config_from_args  # noqa: E402
 from himac.policy import Policy  # noqa: E402
 
 
@@ -63,8 +63,7 @@ def first_move_reward(spec, env_cfg, seed: int, action: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config_arguments(ap)
     ap.add_argument("--steps", type=int, default=20, help="optimiser steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -75,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train by a one-step bandit policy gradient with K samples per room instead of labels")
     ap.add_argument("--rl-std", action="store_true", help="with --rl: divide advantages by the room's std")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, C.parse_overrides(args.overrides))
-    except C.ConfigError as e:
-        ap.error(str(e))
+    cfg = config_from_args(ap, args)
     spec = get_spec(cfg.run.env)
     if spec.rule is None:
         ap.error(f"env {cfg.run.env!r} has no reading rule (EnvSpec.rule) to learn")
