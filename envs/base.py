@@ -82,6 +82,9 @@ class Prompts:
     planner_prefix: str = ""
     executor_prefix: str = ""
     flat_prefix: str = ""
+    blueprint_choices: tuple = ()
+    """The blueprints the planner may pick among with `blueprint_choices: true` (each a tuple of sub-goal
+    sentences); () where the env has none and the planner can only write free text."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class EnvSpec:
     solution: Callable[[Any, int], list] | None = None
     """(config, seed) -> actions that solve that episode (Sokoban's BFS), for diagnostics: the oracle plans of
     tools/probe_plans.py. None where the env has no solver."""
+    subgoal_check: Callable[[str, dict], bool] | None = None
+    """(active sub-goal, a step's info) -> whether that step did what the sub-goal says, for the executor's
+    `subgoal_reward`. None where the env cannot tell (free-text sub-goals it has no reading of)."""
 
     def pool(self, cfg: Any, evaluation: bool = False):
         """The env pool for `cfg`: SerialPool unless the env brings its own (e.g. worker processes)."""

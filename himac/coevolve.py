@@ -130,9 +130,11 @@ class Trainer:
             episodes = list(unique)  # [(task, subgoals)]
             greedy = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                        [seeds[b] for b, _ in episodes], episodes, cfg.executor, greedy=True,
-                                       timings=timings)  # lines 5-7, no grad
+                                       timings=timings, subgoal_check=self.spec.subgoal_check)  # lines 5-7, no grad
             rollout = [greedy[unique[(z.task, tuple(z.subgoals))]] if z.valid else None for z in flat_bp]
-            returns = torch.tensor([r.ret if r else cfg.planner.blueprint_fail_penalty for r in rollout])  # (B*G,)
+            paid = cfg.executor.subgoal_reward  # the executor's pay for following is not the blueprint's worth
+            returns = torch.tensor([r.ret - paid * r.followed if r else cfg.planner.blueprint_fail_penalty
+                                    for r in rollout])  # (B*G,)
             success = [bool(r and r.success) for r in rollout]
             crashed = [bool(r and r.end == "env_error") for r in rollout]  # scored by a broken env: no signal
             ok = [i for i in range(B * G) if not crashed[i]]
@@ -158,7 +160,7 @@ class Trainer:
         episodes_b = [(b, z_star[b].subgoals) for b in sorted(z_star) for _ in range(M)]
         sampled = executor.generate(self.policy, prompts, self.spec.parse_action, self.pool,
                                     [seeds[b] for b, _ in episodes_b], episodes_b, cfg.executor, greedy=False,
-                                    timings=timings)  # line 12
+                                    timings=timings, subgoal_check=self.spec.subgoal_check)  # line 12
         rows_b, adv_b, silent_b = self._trajectory_rows(sampled, sample_offset=n_a)  # line 13, per step
         m_micro: dict = {}
         phase("B: update")

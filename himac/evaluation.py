@@ -44,7 +44,8 @@ def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], p
         blueprints = [g[0] for g in planner.generate(policy, spec.prompts, tasks, first, pcfg, n=1, temperature=0.0)]
     runnable = [i for i, b in enumerate(blueprints) if b.valid]
     trajs = executor.generate(policy, spec.prompts, spec.parse_action, pool, [seeds[i] for i in runnable],
-                              [(i, blueprints[i].subgoals) for i in runnable], ecfg, greedy=True, flat=flat)
+                              [(i, blueprints[i].subgoals) for i in runnable], ecfg, greedy=True, flat=flat,
+                              subgoal_check=spec.subgoal_check)
     by_task = {t.task: t for t in trajs}
     episodes = []
     for i, seed in enumerate(seeds):

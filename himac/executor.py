@@ -34,6 +34,7 @@ Same function names, in the same order, as planner.py.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class ExecutorConfig:
     active sub-goal's text is cut. 0: none."""
     sub_done: bool = True
     """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
+    subgoal_reward: float = 0.0
+    """Added to a step that did what the active sub-goal says, as the env judges it (EnvSpec.subgoal_check;
+    Sokoban: the box pushed the named way). 0: none, the paper (the executor earns the task's reward only). A
+    departure, classic hierarchical RL's intrinsic reward: an executor paid for following its sub-goal
+    follows even a plan it cannot yet see is right, so the planner's blueprints decide the outcome and
+    Phase A's scores tell good plans from bad ones."""
     subgoal_overrun: str = "halt"
     """A segment that reaches T_limit without <sub_done>: 'halt' the episode with halt_penalty (the paper), or
     'advance' to the next sub-goal (halting only when the last one runs over)."""
@@ -87,6 +94,7 @@ class ExecutorConfig:
         from himac.config import check
         check(self.rollouts_per_blueprint >= 1, "rollouts_per_blueprint", self.rollouts_per_blueprint, "must be >= 1")
         check(self.subgoal_step_limit >= 1, "subgoal_step_limit", self.subgoal_step_limit, "must be >= 1")
+        check(math.isfinite(self.subgoal_reward), "subgoal_reward", self.subgoal_reward, "must be a finite number")
         check(self.action_max_tokens >= 1, "action_max_tokens", self.action_max_tokens, "must be >= 1")
         check(self.executor_temperature > 0, "executor_temperature", self.executor_temperature,
               "must be > 0 (Phase B samples; Phase A is greedy by design)")
@@ -127,6 +135,7 @@ class Trajectory:
     success: bool = False
     end: str = ""  # why the episode ended (see module docstring)
     subgoals_done: int = 0
+    followed: int = 0  # steps that did what their sub-goal says (counted where the env can tell)
     env_steps: int = 0
     invalid: int = 0
     error: str = ""
@@ -173,13 +182,18 @@ class _Live:
 
 def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[int],
              blueprints: list[tuple[int, list[str]]], cfg: ExecutorConfig, greedy: bool,
-             timings: dict | None = None, flat: bool = False) -> list[Trajectory]:
+             timings: dict | None = None, flat: bool = False,
+             subgoal_check: Callable[[str, dict], bool] | None = None) -> list[Trajectory]:
     """Roll out one episode per (seed, blueprint), all in lockstep, one batched generation a turn.
 
     `blueprints[i]` is (task index, sub-goals) of episode i; `pool` is an env pool
     (envs.base.SerialPool or a parallel one) that gets one slot per episode.
     `flat`: the hierarchy-free agent (sub-goals ignored, see the module docstring).
+    `subgoal_check`: the env's EnvSpec.subgoal_check, needed when cfg.subgoal_reward is set.
     """
+    if cfg.subgoal_reward and not flat and subgoal_check is None:
+        raise ValueError(f"subgoal_reward: {cfg.subgoal_reward} needs an env that can tell whether a step did "
+                         f"what its sub-goal says (EnvSpec.subgoal_check); this one cannot, so set it to 0")
     if flat and not prompts.flat_user:
         raise ValueError("this env has no flat prompt (Prompts.flat_user), so hierarchy: false cannot run on it")
     temp = 0.0 if greedy else cfg.executor_temperature
@@ -224,6 +238,9 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
         results = pool.step([x.slot for x, _ in to_step], [s.action if s.valid else None for _, s in to_step])
         _add(timings, "env_s", time.perf_counter() - t0)
         for (x, step), (obs, reward, env_done, info) in zip(to_step, results):
+            if subgoal_check and not flat and subgoal_check(x.traj.subgoals[x.k], info):
+                x.traj.followed += 1
+                reward += cfg.subgoal_reward
             _apply(x, step, obs, reward, env_done, info, cfg, flat)
         live = [x for x in live if not x.traj.end]
     return ordered

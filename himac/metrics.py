@@ -40,6 +40,7 @@ def trajectories(prefix: str, trajs: list[Trajectory], adv: torch.Tensor, hierar
          f"{prefix}/steps_mean": mean(tr.env_steps for tr in trajs)}
     if hierarchy:
         m[f"{prefix}/subgoal_completion"] = mean(tr.subgoals_done / max(len(tr.subgoals), 1) for tr in trajs)
+        m[f"{prefix}/subgoal_followed"] = sum(tr.followed for tr in trajs) / max(sum(tr.env_steps for tr in trajs), 1)
     return m
 
 

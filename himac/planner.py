@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from envs.base import Obs, Prompts
-from himac import vision
+from himac import choices, vision
 from himac.policy import Policy
 from himac.update import BLUEPRINT, Row
 
@@ -40,6 +40,11 @@ class PlannerConfig:
     """Sampling temperature of blueprints (> 0: the group needs diversity)."""
     blueprint_fail_penalty: float = -1.0
     """Return of an unparseable blueprint (it is not executed)."""
+    blueprint_choices: bool = False
+    """True (a departure): the planner picks its blueprint among the env's candidate plans
+    (Prompts.blueprint_choices), decoded under the same prefix constraint as `action_choices`
+    (himac/choices.py): natural-language sub-goals still, but only ones the env lists. False: free text,
+    as in the paper."""
 
     def __post_init__(self):
         from himac.config import check
@@ -60,6 +65,7 @@ class Blueprint:
     valid: bool
     temperature: float
     images: vision.Pixels | None = None  # the first frame, for visual observations
+    allowed: list[list[int]] | None = None  # the token ids choosable at each completion position (blueprint_choices)
 
 
 def build_messages(prompts: Prompts, task: str, obs: Obs, max_subgoals: int) -> list[dict]:
@@ -90,16 +96,41 @@ def generate(policy: Policy, prompts: Prompts, tasks: list[str], first_obs: list
                                     vision.frames(o)) for t, o in zip(tasks, first_obs)]  # the planner sees frame 0
     flat = [ids for ids, _ in encoded for _ in range(n)]  # (B * n,)
     pixels = [px for _, px in encoded for _ in range(n)]  # (B * n,)
-    outs = policy.generate(flat, cfg.blueprint_max_tokens, temp, **vision.image_kwargs(pixels))
+    cands = _choices(policy, prompts, cfg) if cfg.blueprint_choices else None
+    budget = max([cfg.blueprint_max_tokens] + [len(c) + 1 for c in cands or []])  # room for a whole choice
+    outs = policy.generate(flat, budget, temp, **vision.image_kwargs(pixels),
+                           **({"choices": [cands] * len(flat)} if cands else {}))
     groups: list[list[Blueprint]] = [[] for _ in tasks]
     for i, out in enumerate(outs):
         text = prompts.planner_prefix + out.text  # the prefilled "1." is part of the blueprint text
         subgoals, valid = parse_output(text, cfg.max_subgoals)
-        groups[i // n].append(Blueprint(i // n, flat[i], out.ids, text, subgoals, valid, temp, pixels[i]))
+        allowed = choices.path(cands, out.ids, policy.eos_ids) if cands else None
+        groups[i // n].append(Blueprint(i // n, flat[i], out.ids, text, subgoals, valid, temp, pixels[i], allowed))
     return groups
+
+
+def _choices(policy: Policy, prompts: Prompts, cfg: PlannerConfig) -> list[list[int]]:
+    """The candidate blueprints (blueprint_choices) as token ids: each written as the planner writes a plan,
+    numbered lines after the prefilled prefix ("1."); plans of more than max_subgoals sub-goals are left out."""
+    if not prompts.blueprint_choices:
+        raise ValueError("blueprint_choices: true needs an env that lists candidate blueprints "
+                         "(Prompts.blueprint_choices); this one lists none")
+    plans = [p for p in prompts.blueprint_choices if len(p) <= cfg.max_subgoals]
+    if not plans:
+        raise ValueError(f"blueprint_choices: every candidate blueprint holds more than max_subgoals="
+                         f"{cfg.max_subgoals} sub-goals")
+    texts = []
+    for plan in plans:
+        text = "\n".join(f"{i + 1}. {g}" for i, g in enumerate(plan))
+        if not text.startswith(prompts.planner_prefix):
+            raise ValueError(f"blueprint_choices: a candidate ({text!r}) does not start with the planner's "
+                             f"prefix {prompts.planner_prefix!r}")
+        texts.append(" " + text[len(prompts.planner_prefix):].lstrip())
+    return choices.encode(policy.tokenize, texts)
 
 
 def training_rows(blueprints: list[Blueprint], advantages: list[float], sample_offset: int = 0) -> list[Row]:
     """One row per blueprint; only blueprint tokens are trained (Phase A, line 9)."""
-    return [Row(b.prompt_ids, b.completion_ids, BLUEPRINT, sample_offset + i, float(a), b.temperature, b.images)
+    return [Row(b.prompt_ids, b.completion_ids, BLUEPRINT, sample_offset + i, float(a), b.temperature, b.images,
+                b.allowed)
             for i, (b, a) in enumerate(zip(blueprints, advantages))]

@@ -127,3 +127,53 @@ def test_an_action_with_a_free_text_slot_is_refused(tiny_policy):
         executor._choices(tiny_policy, obs, ExecutorConfig(action_choices=True), flat=False)
     ok = executor._choices(tiny_policy, Obs("page", admissible=["click[next >]"]), ExecutorConfig(), flat=True)
     assert ok == [tiny_policy.tokenize(" click[next >]")]
+
+
+# blueprint_choices: the planner picks its plan among the env's candidate blueprints -----------------------
+
+def blueprints(policy, n=4, temperature=None, max_subgoals=2, choose=True):
+    from himac import planner
+    pool = SerialPool(SPEC, SokobanConfig(room_size=6, max_steps=4))
+    first = pool.reset(ROOMS[:3])
+    cfg = planner.PlannerConfig(blueprint_choices=choose, max_subgoals=max_subgoals,
+                                blueprint_max_tokens=4 if choose else 16)
+    return [z for g in planner.generate(policy, SPEC.prompts, list(pool.tasks), first, cfg, n,
+                                        temperature=temperature) for z in g]
+
+
+def test_every_sampled_blueprint_is_a_candidate_plan(tiny_policy):
+    torch.manual_seed(0)
+    plans = {tuple(p) for p in SPEC.prompts.blueprint_choices}
+    drawn = blueprints(tiny_policy)
+    for z in drawn:
+        assert z.valid and tuple(z.subgoals) in plans, z.text  # whole, even past blueprint_max_tokens
+        assert z.completion_ids[-1] in tiny_policy.eos_ids
+        assert len(z.allowed) == len(z.completion_ids) and all(z.allowed)
+    assert len({tuple(z.subgoals) for z in drawn}) > 1  # sampled, not one fixed plan
+    assert {len(z.subgoals) for z in drawn} == {1, 2}  # a plan may stop after its first sub-goal
+    free = blueprints(tiny_policy, choose=False)  # this untrained model's free text is no plan of the list
+    assert not any(tuple(z.subgoals) in plans for z in free)
+
+
+def test_blueprint_rows_carry_the_restriction_and_it_normalises_the_choice(tiny_policy):
+    from himac import planner
+    z = blueprints(tiny_policy, n=1, temperature=0.0)[0]
+    row = planner.training_rows([z], [1.0])[0]
+    assert row.allowed == z.allowed and row.kind == planner.BLUEPRINT
+    branch = next(i for i, a in enumerate(z.allowed) if len(a) > 1)  # where the direction is picked
+    ok, prefix = z.allowed[branch], z.completion_ids[:branch]
+    with torch.no_grad():
+        lp, _ = tiny_policy.logprobs([z.prompt_ids] * len(ok), [prefix + [t] for t in ok],
+                                     allowed=[z.allowed[:branch] + [ok]] * len(ok))
+    assert torch.logsumexp(lp[:, branch], 0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_plans_longer_than_max_subgoals_are_not_offered_and_an_env_without_plans_is_refused(tiny_policy):
+    from himac import planner
+    torch.manual_seed(1)
+    drawn = blueprints(tiny_policy, n=8, max_subgoals=1)
+    assert drawn and all(len(z.subgoals) == 1 and "2." not in z.text for z in drawn)  # not just cut
+    pool = SerialPool(SCRIPTED_SPEC, ScriptedEnvConfig(max_steps=3))
+    with pytest.raises(ValueError, match="blueprint_choices"):
+        planner.generate(tiny_policy, SCRIPTED_SPEC.prompts, ["x"], pool.reset([1]),
+                         planner.PlannerConfig(blueprint_choices=True), 1)

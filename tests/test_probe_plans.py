@@ -102,3 +102,24 @@ def test_the_cli_prints_one_row_per_blueprint(capsys):
     assert "oracle - wrong:" in out and "validation range" in out
     with pytest.raises(SystemExit):
         load().main(["--config", str(CONFIG), "--set", "model=tiny", "--rooms", "1"])
+
+
+def test_with_blueprint_choices_the_oracle_is_the_candidate_plan_the_solution_carries_out():
+    probe, spec = load(), get_spec("sokoban")
+    cfg = load_config(ROOT / "configs" / "sokoban_bench_plans.yaml")
+    cands = {tuple(p) for p in spec.prompts.blueprint_choices}
+    seeds = eval_seeds(12, VALIDATION_OFFSET)
+    moves = [spec.solution(cfg.env, s) for s in seeds]
+    found = [probe.carried_out(spec, cfg.env, s, m) for s, m in zip(seeds, moves)]
+    for plan, m in zip(found, moves):
+        assert tuple(plan) in cands and plan[0] == f"Push the box {m[0]}."  # every room starts with a push
+        named = re.findall(r"box (\w+)", " ".join(plan))
+        assert all(d in m for d in named)
+    # room 4 by hand: left pushes, down and left walk round the box, up pushes it onto the target
+    assert moves[3] == ["left", "down", "left", "up"] and found[3] == ["Push the box left.", "Push the box up."]
+    assert {len(p) for p in found} == {1, 2}  # one push direction or two
+    assert probe.carried_out(spec, cfg.env, seeds[0], []) is None  # nothing carried out is no plan
+    tasks = ["Push the box onto the target."] * len(seeds)
+    table = probe.plans(cfg, moves, tasks, [[t] for t in tasks], found)
+    assert table["oracle"][0] == [p + tasks[:2 - len(p)] for p in found]
+    assert table["wrong"][0] == table["oracle"][0][1:] + table["oracle"][0][:1]

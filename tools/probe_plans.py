@@ -14,6 +14,8 @@ as Phase A's scoring, under hand-written blueprints:
 - `task only`: sub-goals that repeat the task ("Push the box onto the target."), no plan;
 - `oracle`: the env's solution (EnvSpec.solution, Sokoban's BFS) as sub-goals naming the moves,
   "Move right, then up.", one sub-goal per `subgoal_step_limit` moves, at most `max_subgoals`;
+  with `blueprint_choices`, the env's candidate blueprint the solution carries out instead
+  ("Push the box right. | Push the box up.": each solution step read by EnvSpec.subgoal_check);
 - `wrong`: the oracle plan of another room: well formed, as confident, and wrong here.
 
 Each is padded to `max_subgoals` sub-goals with the task's sentence, so all four give the
@@ -50,20 +52,41 @@ def oracle_plan(moves: list[str], step_limit: int, max_subgoals: int) -> list[st
     return ["Move " + ", then ".join(p) + "." for p in parts]
 
 
-def plans(cfg, moves: list[list[str]], tasks: list[str], own: list[list[str]]) -> dict[str, tuple[list, list]]:
+def carried_out(spec, env_cfg, seed: int, moves: list[str]) -> list[str] | None:
+    """The env's candidate blueprint (Prompts.blueprint_choices) that `moves` carry out in room `seed`: the
+    sub-goal each step does (EnvSpec.subgoal_check), repeats merged; None when that is no candidate."""
+    vocab = list(dict.fromkeys(g for plan in spec.prompts.blueprint_choices for g in plan))
+    env = spec.make(env_cfg)
+    try:
+        env.reset(seed)
+        done: list[str] = []
+        for m in moves:
+            info = env.step(m)[3]
+            hit = next((g for g in vocab if spec.subgoal_check(g, info)), None)
+            if hit and (not done or done[-1] != hit):
+                done.append(hit)
+    finally:
+        env.close()
+    return done if tuple(done) in {tuple(p) for p in spec.prompts.blueprint_choices} else None
+
+
+def plans(cfg, moves: list[list[str]], tasks: list[str], own: list[list[str]],
+          oracles: list[list[str] | None] | None = None) -> dict[str, tuple[list, list]]:
     """Condition -> (blueprint per room, the moves it names per room or None), from each room's solution
-    `moves`. Every blueprint is padded to
+    `moves` (and `oracles`, each room's oracle blueprint where one is given, else its moves as sub-goals).
+    Every blueprint is padded to
     `max_subgoals` sub-goals with the task's sentence, so every condition gets the same step budget
     (a segment ends after `subgoal_step_limit` moves: a one-line plan would stop the episode sooner)."""
     limit, k = cfg.executor.subgoal_step_limit, cfg.planner.max_subgoals
-    wrong = moves[1:] + moves[:1]  # the next room's solution
+    best = [o or oracle_plan(m, limit, k) for m, o in zip(moves, oracles or [None] * len(moves))]
+    wrong, wrong_moves = best[1:] + best[:1], moves[1:] + moves[:1]  # the next room's
 
     def pad(plan: list[str], task: str) -> list[str]:
         return plan + [task] * (k - len(plan))
     return {"own": ([pad(p, t) for p, t in zip(own, tasks)], [None] * len(tasks)),
             "task only": ([pad([], t) for t in tasks], [None] * len(tasks)),
-            "oracle": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(moves, tasks)], moves),
-            "wrong": ([pad(oracle_plan(m, limit, k), t) for m, t in zip(wrong, tasks)], wrong)}
+            "oracle": ([pad(p, t) for p, t in zip(best, tasks)], moves),
+            "wrong": ([pad(p, t) for p, t in zip(wrong, tasks)], wrong_moves)}
 
 
 def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
@@ -75,10 +98,13 @@ def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
         own = planner.generate(policy, spec.prompts, tasks, first, cfg.planner, 1, temperature=0.0)
         own_plans = [g[0].subgoals or [t] for g, t in zip(own, tasks)]  # an unparsable plan: the task alone
         solutions = [list(spec.solution(cfg.env, s)) for s in seeds]
+        oracles = ([carried_out(spec, cfg.env, s, m) for s, m in zip(seeds, solutions)]
+                   if cfg.planner.blueprint_choices and spec.subgoal_check else None)
         rows = []
-        for name, (bps, named) in plans(cfg, solutions, tasks, own_plans).items():
+        for name, (bps, named) in plans(cfg, solutions, tasks, own_plans, oracles).items():
             trajs = executor.generate(policy, spec.prompts, spec.parse_action, pool, seeds,
-                                      list(enumerate(bps)), cfg.executor, greedy=True)
+                                      list(enumerate(bps)), cfg.executor, greedy=True,
+                                      subgoal_check=spec.subgoal_check)
             firsts = [next((s.action for s in t.steps if s.action is not None), None) for t in trajs]
             n = len(trajs)
             rows.append({"condition": name, "success": sum(t.success for t in trajs) / n,
