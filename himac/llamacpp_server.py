@@ -181,8 +181,8 @@ class LlamaCppServerPolicy:
         if images and any(px is not None for px in images):
             raise ValueError("the llamacpp-server backend is text-only: evaluate image observations with --backend hf")
         if choices and any(choices):
-            raise ValueError("the llamacpp-server backend cannot restrict answers to choices (action_choices: true): "
-                             "evaluate with --backend llamacpp or hf")
+            raise ValueError("the llamacpp-server backend cannot restrict answers to choices (action_choices or "
+                             "blueprint_choices: true): evaluate with --backend llamacpp or hf")
         out = []
         for ids in prompts:
             body = {"prompt": self._prompt(ids), "max_tokens": max_new_tokens, "temperature": max(temperature, 0.0),

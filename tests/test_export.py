@@ -192,6 +192,28 @@ def test_answers_picked_from_choices_match_transformers(exported):
         assert c.ids[:-1] in cands and c.ids[-1] in lc.eos_ids
 
 
+def test_blueprints_picked_from_choices_match_transformers(exported):
+    """blueprint_choices under llama.cpp: multi-token plans that branch after a shared start ("1. Push the box
+    up." or on to a second line); the same greedy plans as transformers, and every sampled one a candidate."""
+    pytest.importorskip("llama_cpp")
+    from envs.base import SerialPool
+    from envs.sokoban import SPEC, SokobanConfig
+    from himac.llamacpp import LlamaCppPolicy
+    path, model, tok = exported["qwen2"]
+    lc, hf = LlamaCppPolicy(path, n_ctx=1024, seed=1), Policy(model, tok)
+    pool = SerialPool(SPEC, SokobanConfig(room_size=6))
+    first = pool.reset([3, 4, 5])
+    cfg = planner.PlannerConfig(blueprint_choices=True, max_subgoals=2, blueprint_max_tokens=4)
+
+    def plans(policy, n, temperature):
+        return [z for g in planner.generate(policy, SPEC.prompts, list(pool.tasks), first, cfg, n,
+                                            temperature=temperature) for z in g]
+    assert [z.subgoals for z in plans(lc, 1, 0.0)] == [z.subgoals for z in plans(hf, 1, 0.0)]
+    drawn = plans(lc, 8, 1.0)
+    assert all(tuple(z.subgoals) in {tuple(p) for p in SPEC.prompts.blueprint_choices} for z in drawn)
+    assert len({tuple(z.subgoals) for z in drawn}) > 1
+
+
 def test_one_prefill_of_many_prompts_equals_transformers(exported):
     """One prefill call of several prompts (some borrowing a prefix cached by an earlier call or
     by an earlier prompt of the same call, one longer than the rest): each gets its own logits."""
