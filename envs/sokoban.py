@@ -294,16 +294,17 @@ class SokobanEnv:
         if self.room_state is None:
             raise RuntimeError("call reset(seed) before step()")
         self.steps += 1
-        reward, pushed = STEP_PENALTY, None
+        reward, pushed, moved = STEP_PENALTY, None, None
         before = potential(self.room_fixed, self.room_state) if self.cfg.shaping else 0.0
         if action is None:
             feedback = "Invalid action; nothing happened."
         elif action not in ACTIONS:
             raise ValueError(f"unknown Sokoban action {action!r}; expected one of {list(ACTIONS)}")
         else:
-            boxes = self._boxes()
+            boxes, player = self._boxes(), np.argwhere(self.room_state == PLAYER)[0].tolist()
             feedback = self._move(action)
             pushed = action if self._boxes() != boxes else None
+            moved = action if np.argwhere(self.room_state == PLAYER)[0].tolist() != player else None
         on_target = self._count_on_target()
         if on_target > self.boxes_on_target:
             reward += BOX_ON_REWARD
@@ -319,7 +320,7 @@ class SokobanEnv:
         elif self._deadlocked():
             feedback += " Deadlock: a box is stuck in a corner."
         done = solved or self.steps >= self.cfg.max_steps
-        info = {"success": solved, "steps": self.steps, "pushed": pushed}
+        info = {"success": solved, "steps": self.steps, "pushed": pushed, "moved": moved}
         return self._obs(feedback), reward, done, info
 
     def _boxes(self) -> list[tuple[int, int]]:
@@ -413,10 +414,13 @@ PUSH_PLANS = tuple((f"Push the box {d}.",) for d in ACTIONS) + tuple(
 PUSH = re.compile(r"push the box (up|down|left|right)\b", re.IGNORECASE)
 
 
-def pushed_as_told(subgoal: str, info: dict) -> bool:
-    """EnvSpec.subgoal_check: the step pushed a box the way the sub-goal "Push the box <direction>" says."""
+def moved_as_told(subgoal: str, info: dict) -> bool:
+    """EnvSpec.subgoal_check: the player moved the way the sub-goal "Push the box <direction>" names (a push
+    that way moves the player that way too). Not "pushed that way": the player starts beside the box, on
+    one side, so only a plan that is already right could be followed at the first step, and an executor
+    paid for pushes alone would rarely learn to follow a plan at all (seen: 2-6% of its steps followed)."""
     m = PUSH.search(subgoal)
-    return bool(m and info.get("pushed") == m.group(1).lower())
+    return bool(m and info.get("moved") == m.group(1).lower())
 
 
 MAP = "Map (" + LEGEND + "; row 0 is the top):\n{observation}\n"
@@ -470,4 +474,4 @@ def report(episodes: list[dict]) -> dict:
 
 SPEC = EnvSpec(name="sokoban", config=SokobanConfig, make=SokobanEnv, parse_action=parse_action,
                prompts=PROMPTS, task_types=("sokoban",), report=report, actions=tuple(ACTIONS), rule=toward_box,
-               solution=solution, subgoal_check=pushed_as_told)
+               solution=solution, subgoal_check=moved_as_told)

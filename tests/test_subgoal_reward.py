@@ -9,7 +9,7 @@ import pytest
 
 from envs.base import SerialPool
 from envs.seeds import VALIDATION_OFFSET, eval_seeds
-from envs.sokoban import ACTIONS, SPEC, SokobanConfig, pushed_as_told, solution
+from envs.sokoban import ACTIONS, SPEC, SokobanConfig, moved_as_told, solution
 from himac import executor
 from himac.coevolve import Trainer
 from himac.executor import ExecutorConfig
@@ -39,18 +39,29 @@ class Always:
         return [Completion(self.tokenize(f" {self.move}") + self.eos_ids, f" {self.move}") for _ in prompts]
 
 
-def test_a_step_reports_which_way_it_pushed_the_box():
+def test_a_step_reports_which_way_it_moved_and_pushed():
     seed = eval_seeds(1, VALIDATION_OFFSET)[0]
     first = solution(ROOMS, seed)[0]  # rooms start with the player beside the box: the first move pushes
     env = SPEC.make(ROOMS)
     env.reset(seed)
-    assert env.step(first)[3]["pushed"] == first
+    info = env.step(first)[3]
+    assert info["pushed"] == info["moved"] == first
     back = {"up": "down", "down": "up", "left": "right", "right": "left"}[first]
-    assert env.step(back)[3]["pushed"] is None  # stepping away moves no box
-    assert pushed_as_told("Push the box UP now.", {"pushed": "up"})
-    assert not pushed_as_told("Push the box up.", {"pushed": "left"})
-    assert not pushed_as_told("Push the box onto the target.", {"pushed": "up"})
-    assert not pushed_as_told("Push the box up.", {"pushed": None})
+    info = env.step(back)[3]
+    assert info["pushed"] is None and info["moved"] == back  # stepping away moves no box
+    seen = set()
+    for s in eval_seeds(6, VALIDATION_OFFSET):
+        for a in ACTIONS:  # "moved" is whether the player's cell changed: None into a wall
+            env.reset(s)
+            start = env.room_state.copy()
+            moved = env.step(a)[3]["moved"]
+            seen.add(moved is None)
+            assert (moved == a) == (env.room_state != start).any() and moved in (a, None)
+    assert seen == {True, False}
+    assert moved_as_told("Push the box UP now.", {"moved": "up"})
+    assert not moved_as_told("Push the box up.", {"moved": "left"})
+    assert not moved_as_told("Push the box onto the target.", {"moved": "up"})
+    assert not moved_as_told("Push the box up.", {"moved": None, "pushed": None})
 
 
 def test_the_executor_is_paid_for_doing_what_its_sub_goal_says(tiny_tokenizer):

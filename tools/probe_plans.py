@@ -54,7 +54,8 @@ def oracle_plan(moves: list[str], step_limit: int, max_subgoals: int) -> list[st
 
 def carried_out(spec, env_cfg, seed: int, moves: list[str]) -> list[str] | None:
     """The env's candidate blueprint (Prompts.blueprint_choices) that `moves` carry out in room `seed`: the
-    sub-goal each step does (EnvSpec.subgoal_check), repeats merged; None when that is no candidate."""
+    sub-goal each push does (EnvSpec.subgoal_check on the steps that push a box, info["pushed"]; walking
+    round the box between pushes carries out none), repeats merged; None when that is no candidate."""
     vocab = list(dict.fromkeys(g for plan in spec.prompts.blueprint_choices for g in plan))
     env = spec.make(env_cfg)
     try:
@@ -62,6 +63,8 @@ def carried_out(spec, env_cfg, seed: int, moves: list[str]) -> list[str] | None:
         done: list[str] = []
         for m in moves:
             info = env.step(m)[3]
+            if not info.get("pushed"):
+                continue
             hit = next((g for g in vocab if spec.subgoal_check(g, info)), None)
             if hit and (not done or done[-1] != hit):
                 done.append(hit)
