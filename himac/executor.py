@@ -78,8 +78,8 @@ class ExecutorConfig:
     """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
     subgoal_reward: float = 0.0
     """Added to a step that did what the active sub-goal says, as the env judges it (EnvSpec.subgoal_check;
-    Sokoban: the player moved the way the sub-goal names). 0: none, the paper (the executor earns the task's reward only). A
-    departure, classic hierarchical RL's intrinsic reward: an executor paid for following its sub-goal
+    Sokoban: the player moved the way the sub-goal names). 0: none, the paper (the executor earns the task's
+    reward only). A departure, classic hierarchical RL's intrinsic reward: an executor paid for following its sub-goal
     follows even a plan it cannot yet see is right, so the planner's blueprints decide the outcome and
     Phase A's scores tell good plans from bad ones."""
     subgoal_overrun: str = "halt"
