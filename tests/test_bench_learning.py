@@ -186,3 +186,22 @@ def test_merge_labels_a_variant_by_its_bench_overrides_and_refuses_other_rooms(t
     bad = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(c), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "eval_offset" in bad.stderr and "same rooms" in bad.stderr
+
+
+def test_merge_takes_a_bench_of_another_config_on_the_same_rooms_and_refuses_other_rooms(tmp_path):
+    a, d, e = tmp_path / "a.json", tmp_path / "d.json", tmp_path / "e.json"
+    a.write_text(json.dumps(_bench_doc({}, {"himac": {"0": _curve([0.0, 0.2])}})))
+    d.write_text(json.dumps({**_bench_doc({}, {"himac": {"0": _curve([0.1, 0.9])}}),
+                             "config": "configs/sokoban_bench_plans.yaml"}))  # same env keys, other method keys
+    e.write_text(json.dumps({**_bench_doc({}, {"himac": {"0": _curve([0.1, 0.9])}}),
+                             "config": "configs/sokoban_bench.yaml"}))  # other rooms
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(d), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "curves.json").read_text())
+    assert list(doc["curves"]) == ["himac", "himac (sokoban_bench_plans)"]
+    assert doc["curves"]["himac (sokoban_bench_plans)"]["0"]["success"] == [0.1, 0.9]
+    bad = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(e), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "not the same rooms" in bad.stderr and "sokoban_bench.yaml" in bad.stderr

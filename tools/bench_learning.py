@@ -37,6 +37,7 @@ OUT/curves.json, OUT/learning.png and prints the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -261,14 +262,22 @@ def merge(paths: list[Path]) -> dict:
     first = docs[0]
     out = {**first, "merged_from": [str(p) for p in paths], "curves": {}}
     for path, doc in zip(paths, docs):
+        other = ""  # a bench of another config joins when its env (the rooms) is the same; labelled by its name
         if doc["config"] != first["config"]:
-            raise ValueError(f"{path}: config {doc['config']!r}, not {first['config']!r} like {paths[0]}")
+            mine, theirs = (load_config(d["config"], {}).env for d in (first, doc))
+            if mine != theirs:
+                diff = [f"{f.name}={getattr(theirs, f.name)!r}" for f in dataclasses.fields(theirs)
+                        if getattr(theirs, f.name) != getattr(mine, f.name, None)] or [type(theirs).__name__]
+                raise ValueError(f"{path}: config {doc['config']!r} has env {', '.join(diff)}, unlike "
+                                 f"{first['config']!r} of {paths[0]}: not the same rooms")
+            other = Path(doc["config"]).stem
         for key in SAME_ROOMS:
             if doc["overrides"].get(key) != first["overrides"].get(key):
                 raise ValueError(f"{path}: {key}={doc['overrides'].get(key)!r}, not "
                                  f"{first['overrides'].get(key)!r} like {paths[0]}: not the same rooms or clock")
         extra = {k: v for k, v in doc["overrides"].items() if first["overrides"].get(k) != v}
-        tag = f" ({', '.join(f'{k}={v}' for k, v in sorted(extra.items()))})" if extra else ""
+        words = ([other] if other else []) + [f"{k}={v}" for k, v in sorted(extra.items())]
+        tag = f" ({', '.join(words)})" if words else ""
         for name, seeds in doc["curves"].items():
             label = name + tag
             if label in out["curves"]:
