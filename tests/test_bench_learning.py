@@ -191,7 +191,7 @@ def test_merge_labels_a_variant_by_its_bench_overrides_and_refuses_other_rooms(t
 def test_merge_takes_a_bench_of_another_config_on_the_same_rooms_and_refuses_other_rooms(tmp_path):
     a, d, e = tmp_path / "a.json", tmp_path / "d.json", tmp_path / "e.json"
     a.write_text(json.dumps(_bench_doc({}, {"himac": {"0": _curve([0.0, 0.2])}})))
-    d.write_text(json.dumps({**_bench_doc({}, {"himac": {"0": _curve([0.1, 0.9])}}),
+    d.write_text(json.dumps({**_bench_doc({"eval_every_minutes": 0.0}, {"himac": {"0": _curve([0.1, 0.9])}}),
                              "config": "configs/sokoban_bench_plans.yaml"}))  # same env keys, other method keys
     e.write_text(json.dumps({**_bench_doc({}, {"himac": {"0": _curve([0.1, 0.9])}}),
                              "config": "configs/sokoban_bench.yaml"}))  # other rooms

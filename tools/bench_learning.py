@@ -252,6 +252,7 @@ def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str 
 
 
 SAME_ROOMS = ("eval_episodes", "eval_offset", "time_clock")  # merged benches must agree on these
+WHEN_EVALUATED = ("eval_every", "eval_every_minutes")  # when a curve has points, not what was trained: no label
 
 
 def merge(paths: list[Path]) -> dict:
@@ -275,7 +276,8 @@ def merge(paths: list[Path]) -> dict:
             if doc["overrides"].get(key) != first["overrides"].get(key):
                 raise ValueError(f"{path}: {key}={doc['overrides'].get(key)!r}, not "
                                  f"{first['overrides'].get(key)!r} like {paths[0]}: not the same rooms or clock")
-        extra = {k: v for k, v in doc["overrides"].items() if first["overrides"].get(k) != v}
+        extra = {k: v for k, v in doc["overrides"].items()
+                 if first["overrides"].get(k) != v and k not in WHEN_EVALUATED}
         words = ([other] if other else []) + [f"{k}={v}" for k, v in sorted(extra.items())]
         tag = f" ({', '.join(words)})" if words else ""
         for name, seeds in doc["curves"].items():
