@@ -62,6 +62,23 @@ SCRIPTED_PROMPTS = Prompts(
 SCRIPTED_SPEC = EnvSpec("scripted", ScriptedEnvConfig, ScriptedEnv, scripted_parse, SCRIPTED_PROMPTS)
 
 
+class TextPolicy:
+    """The tokenizer half of a himac.policy.AgentPolicy (real tokenizer and chat template, text only), for
+    scripted stand-ins that only need to say what they answer: subclasses write generate()."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_ids = tokenizer, [tokenizer.eos_token_id]
+
+    def tokenize(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_images(self, messages, prefix, images):
+        return chat_ids(self.tokenizer, messages, prefix), None
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class ScriptedPolicy:
     """A himac.policy.AgentPolicy with a real tokenizer and chat template; answers come from
     per-episode scripts.

@@ -8,9 +8,10 @@ import pytest
 
 from envs import get_spec
 from envs.seeds import VALIDATION_OFFSET, eval_seeds
+from helpers import TextPolicy
 from himac import config as C
 from himac.experiment import load_config
-from himac.policy import Completion, chat_ids
+from himac.policy import Completion
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sokoban_bench_shaped.yaml"
@@ -23,23 +24,14 @@ def load():
     return probe
 
 
-class Executor:
+class Executor(TextPolicy):
     """Plans "1. Push the box onto the target."; as the executor, `obey=True` makes the move its sub-goal names
     next ("Move right, then up." : right, then up, counted by the segment's history lines), `obey=False`
     always answers up."""
 
     def __init__(self, tokenizer, obey: bool):
-        self.tokenizer, self.obey = tokenizer, obey
-        self.eos_ids = [tokenizer.eos_token_id]
-
-    def tokenize(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def encode_images(self, messages, prefix, images):
-        return chat_ids(self.tokenizer, messages, prefix), None
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        super().__init__(tokenizer)
+        self.obey = obey
 
     def answer(self, prompt: str) -> str:
         goal = re.search(r"Sub-goal \(\d+/\d+\): (.*)", prompt)

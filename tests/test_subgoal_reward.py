@@ -10,30 +10,23 @@ import pytest
 from envs.base import SerialPool
 from envs.seeds import VALIDATION_OFFSET, eval_seeds
 from envs.sokoban import ACTIONS, SPEC, SokobanConfig, moved_as_told, solution
+from helpers import TextPolicy
 from himac import executor
 from himac.coevolve import Trainer
 from himac.executor import ExecutorConfig
 from himac.experiment import load_config
-from himac.policy import Completion, chat_ids
+from himac.policy import Completion
 from himac.rundir import RunDir
 
 ROOMS = SokobanConfig(room_size=7, min_solution_moves=2, max_solution_moves=4, max_steps=4)
 
 
-class Always:
+class Always(TextPolicy):
     """An AgentPolicy (real tokenizer) whose every answer is one direction."""
 
     def __init__(self, tokenizer, move):
-        self.tokenizer, self.move, self.eos_ids = tokenizer, move, [tokenizer.eos_token_id]
-
-    def tokenize(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def encode_images(self, messages, prefix, images):
-        return chat_ids(self.tokenizer, messages, prefix), None
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        super().__init__(tokenizer)
+        self.move = move
 
     def generate(self, prompts, max_new_tokens, temperature, stop_at_newline=False, **_):
         return [Completion(self.tokenize(f" {self.move}") + self.eos_ids, f" {self.move}") for _ in prompts]
