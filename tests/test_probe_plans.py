@@ -115,3 +115,58 @@ def test_with_blueprint_choices_the_oracle_is_the_candidate_plan_the_solution_ca
     table = probe.plans(cfg, moves, tasks, [[t] for t in tasks], found)
     assert table["oracle"][0] == [p + tasks[:2 - len(p)] for p in found]
     assert table["wrong"][0] == table["oracle"][0][1:] + table["oracle"][0][:1]
+
+
+def test_planner_agreement_counts_only_rooms_with_an_oracle_plan():
+    probe = load()
+    a, b = ["Push the box left.", "Push the box up."], ["Push the box up."]
+    got = probe.agreement([a, a[:1], b, a], [a, a, None, b])
+    assert got == {"plan = oracle": 1 / 3, "first = oracle first": 2 / 3, "rooms": 3}
+    with pytest.raises(ValueError, match="no room"):
+        probe.agreement([a], [None])
+
+
+class Planner(TextPolicy):
+    """Writes, for the room whose map is in the prompt, the plan `plans` names for it (a stand-in planner that
+    reads the map perfectly, or, with every room's plan shifted by one, one that reads it wrong)."""
+
+    def __init__(self, tokenizer, plans: dict[str, list[str]]):
+        super().__init__(tokenizer)
+        self.plans = plans
+
+    def generate(self, prompts, max_new_tokens, temperature, stop_at_newline=False, choices=None, **_):
+        out = []
+        for ids in prompts:
+            text = self.decode(ids)
+            plan = next(p for room, p in self.plans.items() if room in text)
+            answer = "\n".join(f"{i + 1}. {g}" for i, g in enumerate(plan))
+            answer = " " + answer[len("1."):].lstrip()  # the prompt ends in the prefilled "1."
+            out.append(Completion(self.tokenize(answer) + self.eos_ids, answer))
+        return out
+
+
+def test_the_planner_check_scores_a_planner_that_reads_the_map_against_one_that_does_not(tiny_tokenizer):
+    probe, spec = load(), get_spec("sokoban")
+    cfg = load_config(ROOT / "configs" / "sokoban_bench_plans.yaml")
+    seeds = eval_seeds(6, VALIDATION_OFFSET)
+    pool = spec.pool(cfg.env, evaluation=True)
+    try:
+        maps = [obs.text for obs in pool.reset(seeds)]
+    finally:
+        pool.close()
+    assert len(set(maps)) == len(seeds)
+    oracles = [probe.carried_out(spec, cfg.env, s, list(spec.solution(cfg.env, s))) for s in seeds]
+    right = probe.planner_check(Planner(tiny_tokenizer, dict(zip(maps, oracles))), spec, cfg, seeds)
+    assert right == {"plan = oracle": 1.0, "first = oracle first": 1.0, "rooms": len(seeds)}
+    shifted = dict(zip(maps, oracles[1:] + oracles[:1]))  # each room gets the next room's plan
+    wrong = probe.planner_check(Planner(tiny_tokenizer, shifted), spec, cfg, seeds)
+    assert wrong["plan = oracle"] < 1.0 and wrong["first = oracle first"] < 1.0
+
+
+def test_planner_only_needs_blueprint_choices(capsys):
+    with pytest.raises(SystemExit):
+        load().main(["--config", str(CONFIG), "--set", "model=tiny", "--rooms", "2", "--planner-only"])
+    plans = str(ROOT / "configs" / "sokoban_bench_plans.yaml")
+    assert load().main(["--config", plans, "--set", "model=tiny", "--rooms", "2", "--planner-only"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"its plan = the oracle's in [01]\.\d{3} of 2 rooms", out) and "oracle - wrong" not in out

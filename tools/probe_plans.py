@@ -18,6 +18,9 @@ as Phase A's scoring, under hand-written blueprints:
   ("Push the box right. | Push the box up.": each solution step read by EnvSpec.subgoal_check);
 - `wrong`: the oracle plan of another room: well formed, as confident, and wrong here.
 
+With `blueprint_choices` it first prints how often the planner's greedy plan is the oracle plan
+(whole, and in its first sub-goal); `--planner-only` stops there (no executor rollout).
+
 Each is padded to `max_subgoals` sub-goals with the task's sentence, so all four give the
 executor the same number of moves.
 
@@ -92,6 +95,32 @@ def plans(cfg, moves: list[list[str]], tasks: list[str], own: list[list[str]],
             "wrong": ([pad(p, t) for p, t in zip(wrong, tasks)], wrong_moves)}
 
 
+def agreement(own: list[list[str]], oracles: list[list[str] | None]) -> dict[str, float]:
+    """How often the planner's own plan is the oracle's, whole and in its first sub-goal, over the rooms that
+    have an oracle plan among the candidates."""
+    pairs = [(o, p) for o, p in zip(own, oracles) if p is not None]
+    if not pairs:
+        raise ValueError("no room has an oracle plan among the candidates")
+    return {"plan = oracle": sum(o == p for o, p in pairs) / len(pairs),
+            "first = oracle first": sum(bool(o) and o[0] == p[0] for o, p in pairs) / len(pairs),
+            "rooms": len(pairs)}
+
+
+def planner_check(policy, spec, cfg, seeds: list[int]) -> dict[str, float]:
+    """The planner alone (no executor rollout): its greedy plan against the oracle plan, per room; needs
+    `blueprint_choices` (free-text plans have no one right wording)."""
+    if not (cfg.planner.blueprint_choices and spec.subgoal_check):
+        raise ValueError("the planner check needs blueprint_choices: true and an env with a subgoal_check")
+    pool = spec.pool(cfg.env, evaluation=True)
+    try:
+        first = pool.reset(seeds)
+        own = planner.generate(policy, spec.prompts, list(pool.tasks), first, cfg.planner, 1, temperature=0.0)
+    finally:
+        pool.close()
+    oracles = [carried_out(spec, cfg.env, s, list(spec.solution(cfg.env, s))) for s in seeds]
+    return agreement([g[0].subgoals for g in own], oracles)
+
+
 def probe(policy, spec, cfg, seeds: list[int]) -> list[dict]:
     """One row per condition: success, moves, first-move agreement with the solution and with the plan."""
     pool = spec.pool(cfg.env, evaluation=True)
@@ -129,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rooms", type=int, default=128)
     ap.add_argument("--reporting", action="store_true",
                     help="the reporting range of held-out rooms (default: the validation range)")
+    ap.add_argument("--planner-only", action="store_true",
+                    help="only the planner's greedy plans against the oracle's (blueprint_choices; about a minute)")
     args = ap.parse_args(argv)
     cfg = config_from_args(ap, args)
     spec = get_spec(cfg.run.env)
@@ -141,11 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, tok = models.load(cfg.model)
         policy = Policy(model, tok, gen_batch_size=cfg.run.gen_batch_size)
+    if args.planner_only and not cfg.planner.blueprint_choices:
+        ap.error("--planner-only needs blueprint_choices: true (free-text plans have no one right wording)")
     seeds = eval_seeds(args.rooms, 0 if args.reporting else VALIDATION_OFFSET)
-    rows = probe(policy, spec, cfg, seeds)
     rng = "reporting" if args.reporting else "validation"
     print(f"config {args.config}  checkpoint {args.checkpoint or cfg.model.model + ' (untrained)'}  "
-          f"{len(seeds)} held-out rooms ({rng} range), greedy executor\n")
+          f"{len(seeds)} held-out rooms ({rng} range)" + ("" if args.planner_only else ", greedy executor") + "\n")
+    if cfg.planner.blueprint_choices:
+        a = planner_check(policy, spec, cfg, seeds)
+        print(f"planner (greedy): its plan = the oracle's in {a['plan = oracle']:.3f} of {a['rooms']} rooms, "
+              f"its first sub-goal = the oracle's first in {a['first = oracle first']:.3f}\n")
+    if args.planner_only:
+        return 0
+    rows = probe(policy, spec, cfg, seeds)
     print(format_table([[r["condition"], f"{r['success']:.3f}", f"{r['moves']:.2f}", f"{r['first = solution']:.2f}",
                          "" if r["first = plan"] is None else f"{r['first = plan']:.2f}", r["example"][:60]]
                         for r in rows],
