@@ -89,6 +89,10 @@ class PhaseRecorder:
         if self.name is not None:
             peak, reserved = self.meter.peak()
             self.rows.append((self.name, peak, reserved, time.perf_counter() - self.t0))
+            # as it happens: a slow iteration (1.5B NF4 on a CPU) stopped part-way still leaves its phases
+            print(f"  {self.name}: peak {peak / GiB:.2f} GiB"
+                  + (f", reserved {reserved / GiB:.2f} GiB" if reserved is not None else "")
+                  + f", {self.rows[-1][3]:.1f} s", file=sys.stderr, flush=True)
         self.name = None
 
 
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = meter.now()
             load_peak, load_reserved = meter.peak()
             load_s = time.perf_counter() - tic
+            print(f"  loaded in {load_s:.1f} s: {loaded / GiB:.2f} GiB held, peak {load_peak / GiB:.2f} GiB",
+                  file=sys.stderr, flush=True)
             recorder = PhaseRecorder(meter)
             tic = time.perf_counter()
             metrics, _ = trainer.iteration(0, recorder)
