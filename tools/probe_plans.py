@@ -167,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"env {cfg.run.env!r} has no solver (EnvSpec.solution) to write oracle plans with")
     if args.rooms < 2:
         ap.error(f"--rooms {args.rooms}: needs at least 2 (the wrong plan is another room's)")
+    if args.planner_only and not cfg.planner.blueprint_choices:
+        ap.error("--planner-only needs blueprint_choices: true (free-text plans have no one right wording)")
     if args.checkpoint:
         policy = load_backend("hf", args.checkpoint, cfg)
     else:
         model, tok = models.load(cfg.model)
         policy = Policy(model, tok, gen_batch_size=cfg.run.gen_batch_size)
-    if args.planner_only and not cfg.planner.blueprint_choices:
-        ap.error("--planner-only needs blueprint_choices: true (free-text plans have no one right wording)")
     seeds = eval_seeds(args.rooms, 0 if args.reporting else VALIDATION_OFFSET)
     rng = "reporting" if args.reporting else "validation"
     print(f"config {args.config}  checkpoint {args.checkpoint or cfg.model.model + ' (untrained)'}  "
