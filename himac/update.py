@@ -81,6 +81,11 @@ class UpdateConfig:
     """epsilon of the clipped ratio in Eq. 3."""
     kl_beta: float = 0.01
     """beta of the KL penalty in Eq. 3 (paper: 0.01). 0 skips the reference forward."""
+    planner_kl_beta: float | None = None
+    """KL coefficient of Phase A's blueprint-only steps (None: kl_beta). Planner and executor
+    share the LoRA weights, so the executor's steps move the planner too; a KL to the untrained
+    reference on blueprint tokens alone holds the planner's prior without constraining the
+    executor."""
     adv_eps: float = 1e-6
     """epsilon in the denominator of Eq. 2."""
     adv_scale_std: bool = True
@@ -128,6 +133,8 @@ class UpdateConfig:
               "must be > 0 (a negative norm would flip the gradient, 0 would freeze it)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.planner_lr is None or self.planner_lr > 0, "planner_lr", self.planner_lr, "must be > 0 or null")
+        check(self.planner_kl_beta is None or self.planner_kl_beta >= 0, "planner_kl_beta", self.planner_kl_beta,
+              "must be >= 0 or null")
         check(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must be in (0, 1)")
         check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
         check(self.adv_eps > 0, "adv_eps", self.adv_eps, "must be > 0")
@@ -202,8 +209,10 @@ def row_units(rows: list[Row], kinds: set[int], aggregation: str = "sample") -> 
 
 
 def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
-              old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice."""
+              old_logp: torch.Tensor | None = None, beta: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice; `beta`: the KL
+    coefficient (None: cfg.kl_beta)."""
+    beta = cfg.kl_beta if beta is None else beta
     prompts = [r.prompt_ids for r in rows]
     completions = [r.completion_ids for r in rows]
     temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
@@ -212,12 +221,12 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     C = logp.shape[1]
     w = weights[:, :C].to(logp.device) * mask  # (R, C)
     ref = None
-    if cfg.kl_beta > 0:
+    if beta > 0:
         with torch.no_grad(), policy.reference():
             ref, _ = policy.logprobs(prompts, completions, temps, **extra)  # (R, C)
     old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
-    return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
+    return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=beta)
 
 
 def _allowed_kwargs(rows: list[Row]) -> dict:
@@ -259,6 +268,7 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
                 for r, row_lp in zip(chunk, lp):
                     old[id(r)] = row_lp.cpu()
     base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
+    beta = cfg.planner_kl_beta if kinds == {BLUEPRINT} and cfg.planner_kl_beta is not None else cfg.kl_beta
     totals = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
     tokens, done_steps, stopped, nonfinite = 0.0, 0, False, 0
     every_id = sorted(set().union(*dist.all_gather({r.sample for r in rows}))) if dist.active() else None
@@ -276,7 +286,7 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
                     width = max(len(r.completion_ids) for r in chunk)
                     old_lp = torch.stack([torch.nn.functional.pad(old[id(r)], (0, width - old[id(r)].numel()))
                                           for r in chunk])
-                loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp)
+                loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp, beta)
                 loss.backward()
                 n = float(stats["tokens"])
                 step["loss"] += float(loss.detach())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import logits_grads
+from himac.config import ConfigError
 
 from himac.update import ACTION, BLUEPRINT, Row, UpdateConfig, make_optimizer, policy_update, row_weights, rows_loss
 
@@ -151,6 +152,19 @@ def test_planner_lr_sets_the_step_of_blueprint_only_updates(tiny_policy):
         opt = make_optimizer(tiny_policy.model, cfg)
         moved = _largest_move(tiny_policy, lambda: policy_update(tiny_policy, opt, rows, cfg, kinds))
         assert 0.5 * lr < moved <= lr * 1.001, (kinds, moved)
+
+
+def test_planner_kl_beta_sets_the_kl_of_blueprint_only_updates(tiny_policy):
+    """planner_kl_beta holds Phase A's steps to the reference; Phase B and the joint step keep kl_beta
+    (here 0: no reference pass, no KL)."""
+    _nonzero_adapter(tiny_policy)  # pi != pi_ref, so a KL term is non-zero where there is one
+    rows = rows_for(tiny_policy)
+    cfg = UpdateConfig(lr=1e-4, planner_kl_beta=1.0, kl_beta=0.0)
+    for kinds, held in (({BLUEPRINT}, True), ({ACTION}, False), ({BLUEPRINT, ACTION}, False)):
+        out = policy_update(tiny_policy, _Recorder(tiny_policy.model.parameters()), rows, cfg, kinds)
+        assert (out["kl"] > 1e-6) == held, (kinds, out["kl"])
+    with pytest.raises(ConfigError, match="planner_kl_beta"):
+        UpdateConfig(planner_kl_beta=-1.0)
 
 
 class _Recorder(torch.optim.SGD):
