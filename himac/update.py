@@ -84,8 +84,8 @@ class UpdateConfig:
     planner_kl_beta: float | None = None
     """KL coefficient of Phase A's blueprint-only steps (None: kl_beta). Planner and executor
     share the LoRA weights, so the executor's steps move the planner too; a KL to the untrained
-    reference on blueprint tokens alone holds the planner's prior without constraining the
-    executor."""
+    reference on blueprint tokens alone is meant to hold the planner's prior without constraining
+    the executor (on the push-plan benchmark 0.1 and 1.0 did not: docs/results.md)."""
     adv_eps: float = 1e-6
     """epsilon in the denominator of Eq. 2."""
     adv_scale_std: bool = True
