@@ -2,7 +2,9 @@
 the code under test. Tiny models here are random and exist only for tests."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from envs.base import EnvSpec, Obs, Prompts
 from himac.policy import Completion, chat_ids
@@ -187,3 +189,12 @@ def logits_grads(policy, rows, kinds):
         handle.remove()
     policy.model.zero_grad(set_to_none=True)
     return captured["logits"].grad
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

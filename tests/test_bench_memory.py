@@ -1,18 +1,16 @@
 """tools/bench_memory.py on the tiny model (a stand-in, for tests only): one row per phase of a real iteration,
 each printed to stderr as its phase ends (a slow run stopped part-way keeps what it measured), and the JSON."""
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "tools" / "bench_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_memory")
 
 
 def test_one_row_per_phase_printed_as_each_phase_ends(tmp_path, capsys):

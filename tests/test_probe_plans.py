@@ -1,6 +1,5 @@
 """tools/probe_plans.py: oracle plans solve their rooms, and the probe tells an executor that follows its plan
 from one that ignores it (two scripted executors, stand-ins for a trained model, which the probe measures)."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 
 from envs import get_spec
 from envs.seeds import VALIDATION_OFFSET, eval_seeds
-from helpers import TextPolicy
+from helpers import TextPolicy, load_tool
 from himac import config as C
 from himac.experiment import load_config
 from himac.policy import Completion
@@ -18,10 +17,7 @@ CONFIG = ROOT / "configs" / "sokoban_bench_shaped.yaml"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("probe_plans", ROOT / "tools" / "probe_plans.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    return load_tool("probe_plans")
 
 
 class Executor(TextPolicy):

@@ -1,16 +1,14 @@
 """tools/probe_reading.py on the tiny random model (test-only): the rule's labels are learnt (loss falls on
 the few rooms it sees again) and the table has one row per evaluation."""
-import importlib.util
 from pathlib import Path
+
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("probe_reading", ROOT / "tools" / "probe_reading.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    return load_tool("probe_reading")
 
 
 def test_supervised_probe_lowers_the_loss_on_the_rule_labels(capsys):
