@@ -27,7 +27,7 @@ from typing import Any
 from envs import EnvSpec, get_spec
 from envs.seeds import eval_seeds
 from himac import executor, metrics, planner
-from himac.policy import AgentPolicy
+from himac.policy import AgentPolicy, as_role
 
 
 def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], pcfg: planner.PlannerConfig,
@@ -129,6 +129,9 @@ class Metered:
     @property
     def eos_ids(self):
         return self.policy.eos_ids
+
+    def role(self, name):
+        return as_role(self.policy, name)
 
     def generate(self, prompts, *args, **kwargs):
         tic = time.perf_counter()

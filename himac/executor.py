@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from envs.base import Obs, Prompts
 from himac import choices, vision
-from himac.policy import Policy
+from himac.policy import Policy, as_role
 from himac.update import ACTION, Row
 
 SUB_DONE = "<sub_done>"
@@ -213,8 +213,9 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
         prompt_ids, pixels = [ids for ids, _ in encoded], [px for _, px in encoded]
         cands = [_choices(policy, x.obs, cfg, flat) for x in live] if cfg.action_choices else None
         budget = max([cfg.action_max_tokens] + [len(c) + 1 for cs in cands or [] for c in cs])  # a whole choice
-        outs = policy.generate(prompt_ids, budget, temp, stop_at_newline=True, **vision.image_kwargs(pixels),
-                               **({"choices": cands} if cands else {}))
+        with as_role(policy, "executor"):
+            outs = policy.generate(prompt_ids, budget, temp, stop_at_newline=True, **vision.image_kwargs(pixels),
+                                   **({"choices": cands} if cands else {}))
         _add(timings, "generate_s", time.perf_counter() - t0)
         _add(timings, "generated_tokens", sum(len(o.ids) for o in outs))
         to_step: list[tuple[_Live, Step]] = []

@@ -171,6 +171,10 @@ def check_groups(cfg: Config) -> None:
     """A group of one has nothing to compare with: Eq. 2 gives it advantage 0 for ever."""
     C.check(cfg.executor.rollouts_per_blueprint >= 2, "rollouts_per_blueprint", cfg.executor.rollouts_per_blueprint,
             "must be >= 2: a group of one trajectory always has advantage 0, so the executor never learns")
+    if cfg.model.role_adapters:
+        C.check(cfg.run.hierarchy and cfg.run.coevolution, "role_adapters", True,
+                "needs hierarchy and coevolution true: an adapter per role trains in the two phases of "
+                "Algorithm 1 (the flat agent has one role; the joint step of no_coevolution one adapter)")
     if cfg.run.hierarchy:
         C.check(cfg.planner.group_size >= 2, "group_size", cfg.planner.group_size,
                 "must be >= 2: a group of one blueprint always has advantage 0, so the planner never learns")

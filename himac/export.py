@@ -100,7 +100,12 @@ def read_run(run_dir: str | Path):
                                 "expected the --out directory of python -m himac.coevolve")
     if not (run.adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--checkpoint {run_dir}: no adapter checkpoint at {run.adapter_dir}")
-    return build(ModelConfig, run.read_config()), run.adapter_dir
+    cfg = build(ModelConfig, run.read_config())
+    if cfg.role_adapters:
+        raise UnsupportedModel(f"--checkpoint {run_dir}: trained with role_adapters (one adapter per role); one "
+                               "GGUF holds one merged policy, so export of such runs is not built yet: evaluate "
+                               "it with --backend hf")
+    return cfg, run.adapter_dir
 
 
 def merged_state(cfg, adapter_dir: str | Path | None, base: str = "trained"):

@@ -82,6 +82,10 @@ class ModelConfig:
     """Dropout on the LoRA input (0 keeps pi_old = pi exact within a phase)."""
     lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
     """peft target_modules; ['all-linear'] adapts every linear layer but the head."""
+    role_adapters: bool = False
+    """Two LoRA adapters on the one base: the planner's (blueprints, Phase A) and the executor's
+    (actions, Phase B). False: the paper's single shared policy, whose executor steps also move the
+    planner. The reference pi_ref stays the base model either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
     upcast_unquantised: bool = False
@@ -211,6 +215,30 @@ def _vision_tower(model) -> torch.nn.Module:
     return towers[0]
 
 
+EXECUTOR_ADAPTER = "default"  # peft's name: a run without role_adapters has only this one, saved as before
+PLANNER_ADAPTER = "planner"  # role_adapters: saved by peft in the adapter directory's planner/ subfolder
+
+
+def has_role_adapters(model) -> bool:
+    return PLANNER_ADAPTER in (getattr(model, "peft_config", None) or {})
+
+
+def adapter_params(model, adapter: str) -> list[torch.nn.Parameter]:
+    """The LoRA weights of one named adapter (lora_A.<adapter>.weight, lora_B.<adapter>.weight, ...)."""
+    tag = f".{adapter}."
+    return [p for n, p in model.named_parameters() if "lora_" in n and tag in n]
+
+
+def activate(model, adapter: str) -> None:
+    """Make `adapter` the one the forward uses, leaving which weights are trainable as it was (peft's
+    set_adapter freezes the others; both roles' weights stay in their optimisers, and a weight outside
+    the forward simply gets no gradient)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.set_adapter(adapter)
+    for p in trainable:
+        p.requires_grad_(True)
+
+
 def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     """Base model (optionally NF4) + trainable LoRA adapter, and its tokenizer.
 
@@ -257,11 +285,24 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        if cfg.role_adapters:
+            planner_dir = Path(adapter_dir) / PLANNER_ADAPTER  # where save_pretrained puts a second adapter
+            if not (planner_dir / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"role_adapters is true but {adapter_dir} holds no planner adapter "
+                                        f"({planner_dir}): the checkpoint was trained with role_adapters false")
+            model.load_adapter(str(planner_dir), adapter_name=PLANNER_ADAPTER, is_trainable=True)
     else:
         target = cfg.lora_target[0] if cfg.lora_target == ["all-linear"] else cfg.lora_target
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=target, task_type="CAUSAL_LM",
                           exclude_modules=r".*\bvisual\b.*" if is_vl else None)  # LoRA on the LM only
         model = get_peft_model(model, lora)
+        if cfg.role_adapters:
+            model.add_adapter(PLANNER_ADAPTER, lora)
+    if cfg.role_adapters:
+        for name in (PLANNER_ADAPTER, EXECUTOR_ADAPTER):
+            for p in adapter_params(model, name):
+                p.requires_grad_(True)
+        activate(model, EXECUTOR_ADAPTER)
     model.config.use_cache = True
     return model, tokenizer

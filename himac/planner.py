@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from envs.base import Obs, Prompts
 from himac import choices, vision
-from himac.policy import Policy
+from himac.policy import Policy, as_role
 from himac.update import BLUEPRINT, Row
 
 # On a stripped line: "3. text", "3) text", "Step 3: text". Linear time: no pattern here can
@@ -98,8 +98,9 @@ def generate(policy: Policy, prompts: Prompts, tasks: list[str], first_obs: list
     pixels = [px for _, px in encoded for _ in range(n)]  # (B * n,)
     cands = _choices(policy, prompts, cfg) if cfg.blueprint_choices else None
     budget = max([cfg.blueprint_max_tokens] + [len(c) + 1 for c in cands or []])  # room for a whole choice
-    outs = policy.generate(flat, budget, temp, **vision.image_kwargs(pixels),
-                           **({"choices": [cands] * len(flat)} if cands else {}))
+    with as_role(policy, "planner"):
+        outs = policy.generate(flat, budget, temp, **vision.image_kwargs(pixels),
+                               **({"choices": [cands] * len(flat)} if cands else {}))
     groups: list[list[Blueprint]] = [[] for _ in tasks]
     for i, out in enumerate(outs):
         text = prompts.planner_prefix + out.text  # the prefilled "1." is part of the blueprint text

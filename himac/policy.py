@@ -90,6 +90,17 @@ class TrainablePolicy(AgentPolicy, Protocol):
         """Within it, the policy computes pi_ref (the adapter switched off)."""
 
 
+ROLES = ("planner", "executor")
+
+
+def as_role(policy: AgentPolicy, name: str) -> ContextManager:
+    """`policy.role(name)` where the policy has roles (Policy with role adapters), else nothing to switch."""
+    if name not in ROLES:
+        raise ValueError(f"role {name!r}: must be one of {ROLES}")
+    role = getattr(policy, "role", None)
+    return role(name) if role is not None else contextlib.nullcontext()
+
+
 def chat_ids(tokenizer, messages: list[dict], prefix: str = "") -> list[int]:
     """Chat messages -> prompt token ids ending with the assistant turn header, plus `prefix`'s ids."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -303,6 +314,21 @@ class Policy:
         targets = ids[:, P:]  # (R, C)
         logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (R, C)
         return logp, mask
+
+    @contextlib.contextmanager
+    def role(self, name: str):
+        """Within it, the forward uses `name`'s adapter ('planner' or 'executor') when the model has one
+        per role (ModelConfig.role_adapters); a no-op for the paper's single shared adapter."""
+        from himac import models
+        if not models.has_role_adapters(self.model):
+            yield
+            return
+        previous = self.model.active_adapter
+        models.activate(self.model, models.PLANNER_ADAPTER if name == "planner" else models.EXECUTOR_ADAPTER)
+        try:
+            yield
+        finally:
+            models.activate(self.model, previous)
 
     @contextlib.contextmanager
     def reference(self):

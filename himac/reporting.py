@@ -208,6 +208,7 @@ def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: 
     """README.md for the checkpoint's adapter directory: what it is, its base, its config, its held-out results,
     how to load, evaluate and export it. `base_model`: what peft recorded (a hub name or a local path)."""
     model = config.get("model", "")
+    roles = bool(config.get("role_adapters"))
     hub = HUB_IDS.get(model) or (model if "/" in model and not model.startswith((".", "/", "~")) else None)
     evals = run.metrics("eval.jsonl") if evals is None else evals
     env = config.get("env", "")
@@ -270,17 +271,23 @@ def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: 
         f"base = AutoModelForCausalLM.from_pretrained({load_base!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({load_base!r})",
         f"model = PeftModel.from_pretrained(base, {str(run.adapter_dir)!r})  # or this folder's hub name",
+        *([f"model.load_adapter({str(run.adapter_dir / 'planner')!r}, adapter_name='planner')"
+           "  # role_adapters: the planner's own",
+           "model.set_adapter('planner')  # to write blueprints; 'default' is the executor's"] if roles else []),
         "```",
         "",
         "The agent's prompts (planner and executor, with their prefilled prefixes) are built by himac; to play "
-        "episodes, evaluate, resume or export the run:",
+        f"episodes, evaluate, resume{'' if roles else ' or export'} the run:",
         "",
         "```bash",
-        f"python -m himac.evaluate --checkpoint {_q(path)} [--backend hf|llamacpp]",
+        f"python -m himac.evaluate --checkpoint {_q(path)} " + ("--backend hf" if roles else "[--backend hf|llamacpp]"),
         f"python -m himac.coevolve --resume {_q(path)} --set iterations=N",
-        f"python tools/export_gguf.py --checkpoint {_q(path)} --out agent.gguf   # + Modelfile and SERVE.md",
+        *([] if roles else [f"python tools/export_gguf.py --checkpoint {_q(path)} --out agent.gguf   "
+                            "# + Modelfile and SERVE.md"]),
         "```",
         "",
+        *(["One adapter per role (`role_adapters`): a GGUF holds one merged policy, so export of this run is not "
+           "built yet; it evaluates through transformers.", ""] if roles else []),
     ]
     return "\n".join(lines)
 
@@ -344,12 +351,15 @@ def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted:
     lines.append(f"  run directory: {path}  ({ckpt}; metrics.jsonl, eval.jsonl, progress.png)")
     if checkpoint_iteration is not None:
         more = total if interrupted and done < total else max(total * 2, total + 1)
+        roles = bool(config.get("role_adapters"))  # two adapters: one GGUF cannot hold them (export.read_run)
         lines += ["  next:",
-                  f"    python -m himac.evaluate --checkpoint {_q(path)} --backend llamacpp    # held-out episodes",
+                  f"    python -m himac.evaluate --checkpoint {_q(path)} --backend {'hf' if roles else 'llamacpp'}"
+                  "    # held-out episodes",
                   f"    python -m himac.coevolve --resume {_q(path)}"
-                  + ("" if interrupted and done < total else f" --set iterations={more}") + "    # train on",
-                  f"    python tools/export_gguf.py --checkpoint {_q(path)} --out {_q(path / 'export' / 'agent.gguf')}"
-                  "    # GGUF + ollama Modelfile + SERVE.md"]
+                  + ("" if interrupted and done < total else f" --set iterations={more}") + "    # train on"]
+        if not roles:
+            lines.append(f"    python tools/export_gguf.py --checkpoint {_q(path)} --out "
+                         f"{_q(path / 'export' / 'agent.gguf')}    # GGUF + ollama Modelfile + SERVE.md")
     if "tensorboard" in reporters:
         lines.append(f"    tensorboard --logdir {_q(run.tensorboard_dir)}")
     if "wandb" in reporters and config.get("wandb_mode", "offline") == "offline":

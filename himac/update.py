@@ -20,6 +20,9 @@ Controls on how far one phase moves the shared weights (issue 11; the defaults a
 what docs/results.md measured):
 - one AdamW per role (`optimizer_per_role`, see `Optimizers`): Phase A's steps do not
   replay the executor's momentum, nor feed its second-moment estimate;
+- one LoRA adapter per role (ModelConfig.role_adapters): each phase's steps run and
+  train its own role's adapter (`policy_update` switches to it), so the executor's steps
+  cannot move the planner nor the planner's the executor; each optimiser holds its own;
 - no step at all when every selected row's advantage is 0 (`skip_zero_advantage`):
   Adam would otherwise move every weight by its momentum on a zero gradient;
 - a linear learning-rate warm-up per optimiser (`warmup_steps`): Adam's first steps
@@ -45,7 +48,7 @@ import torch
 
 from himac import distributed as dist
 from himac import groups, vision
-from himac.policy import TrainablePolicy
+from himac.policy import TrainablePolicy, as_role
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
 ADVANTAGES = ("grpo", "rloo", "gigpo", "step_grpo")
@@ -150,15 +153,17 @@ class UpdateConfig:
         check(0 <= self.gigpo_gamma <= 1, "gigpo_gamma", self.gigpo_gamma, "must be in [0, 1]")
 
 
-def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, cfg: UpdateConfig, params: list | None = None) -> torch.optim.Optimizer:
+    """AdamW over `params` (None: every trainable weight of `model`)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     if not params:
         raise ValueError("the model has no trainable parameters (is the LoRA adapter attached?)")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Optimizers:
-    """The optimiser state(s) of a run: one shared AdamW, or one per role (`optimizer_per_role`).
+    """The optimiser state(s) of a run: one shared AdamW, or one per role (`optimizer_per_role`; always
+    with role_adapters, each over its own adapter's weights).
 
     `for_kinds(kinds)` is the optimiser of an update on those token kinds: the planner's
     for blueprint-only steps, the executor's for anything with actions (Phase B, the
@@ -166,6 +171,11 @@ class Optimizers:
     """
 
     def __init__(self, model, cfg: UpdateConfig):
+        from himac import models
+        if models.has_role_adapters(model):  # one adapter per role: each optimiser holds its own weights only
+            self.by_role = {"executor": make_optimizer(model, cfg, models.adapter_params(model, models.EXECUTOR_ADAPTER)),
+                            "planner": make_optimizer(model, cfg, models.adapter_params(model, models.PLANNER_ADAPTER))}
+            return
         executor = make_optimizer(model, cfg)
         self.by_role = {"executor": executor,
                         "planner": make_optimizer(model, cfg) if cfg.optimizer_per_role else executor}
@@ -250,6 +260,16 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
     ratio_mean, grad_norm (means over the steps taken), tokens, steps, steps_skipped,
     update_s; {} when no row is selected.
     """
+    from himac import models
+    if len(kinds) > 1 and models.has_role_adapters(getattr(policy, "model", None)):
+        raise ValueError("one update step over blueprint and action tokens needs one shared adapter; "
+                         "role_adapters gives each role its own (set coevolution true or role_adapters false)")
+    with as_role(policy, "planner" if kinds == {BLUEPRINT} else "executor"):
+        return _policy_update(policy, optimizer, rows, cfg, kinds)
+
+
+def _policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, rows: list[Row],
+                   cfg: UpdateConfig, kinds: set[int]) -> dict[str, float]:
     rows = [r for r in rows if r.kind in kinds and r.completion_ids]
     if not dist.agree(bool(rows)):  # several ranks: one with no rows still joins the others' steps
         return {}
