@@ -93,9 +93,13 @@ def load_backend(backend: str, checkpoint: str | None, cfg, quant: str = "f32", 
     run = RunDir(path, create=False) if is_run else None
     if backend == "llamacpp":
         from himac.llamacpp import LlamaCppPolicy
+        role_loras = None
         if run is not None:  # merge and export once; reused while the checkpoint is unchanged
             gguf_path = run.export_file(quant)
-            if not gguf_path.is_file() or gguf_path.stat().st_mtime < run.adapter_weights.stat().st_mtime:
+            roles = cfg.model.role_adapters  # the base GGUF plus each role's LoRA GGUF (export.role_lora_paths)
+            role_loras = export.role_lora_paths(gguf_path) if roles else None
+            written = [gguf_path, *(role_loras or {}).values()]
+            if not all(p.is_file() and p.stat().st_mtime >= run.adapter_weights.stat().st_mtime for p in written):
                 print(f"himac: exporting {path} to {gguf_path} ({quant})", file=sys.stderr)
                 export.export_run(path, gguf_path, quant)
             path = gguf_path
@@ -104,7 +108,7 @@ def load_backend(backend: str, checkpoint: str | None, cfg, quant: str = "f32", 
                                 f"export it first (tools/bench_eval.py --checkpoint {checkpoint} does)")
         elif not is_gguf:
             path = models.embedded_gguf(checkpoint)
-        return LlamaCppPolicy(path, n_ctx=n_ctx, n_threads=threads, seed=cfg.run.seed)
+        return LlamaCppPolicy(path, n_ctx=n_ctx, n_threads=threads, seed=cfg.run.seed, role_loras=role_loras)
     from himac.policy import Policy
     if is_gguf:
         # transformers can dequantise a GGUF, but its GGUF tokenizer conversion renumbers tokens

@@ -26,6 +26,9 @@ Choices worth knowing:
   (Qwen2.5 has more rows than tokens).
 - `write_lora_gguf` writes the adapter alone (llama.cpp's LoRA adapter GGUF) for users
   who already hold the base GGUF; llama.cpp applies it as alpha / r * B @ A.
+- A role_adapters run (an adapter per role) has no one merged agent: `export_run` writes
+  its base and, beside it, the planner's and the executor's LoRA GGUFs (`role_lora_paths`),
+  which LlamaCppPolicy(role_loras=...) applies each in its role.
 """
 from __future__ import annotations
 
@@ -100,12 +103,7 @@ def read_run(run_dir: str | Path):
                                 "expected the --out directory of python -m himac.coevolve")
     if not (run.adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--checkpoint {run_dir}: no adapter checkpoint at {run.adapter_dir}")
-    cfg = build(ModelConfig, run.read_config())
-    if cfg.role_adapters:
-        raise UnsupportedModel(f"--checkpoint {run_dir}: trained with role_adapters (one adapter per role); one "
-                               "GGUF holds one merged policy, so export of such runs is not built yet: evaluate "
-                               "it with --backend hf")
-    return cfg, run.adapter_dir
+    return build(ModelConfig, run.read_config()), run.adapter_dir
 
 
 def merged_state(cfg, adapter_dir: str | Path | None, base: str = "trained"):
@@ -409,6 +407,8 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "f16", base: s
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r}: must be one of {', '.join(QUANTS)}")
     cfg, adapter = read_run(run_dir)
+    if cfg.role_adapters:  # no deploy files: the Modelfile and SERVE.md describe one merged agent
+        return _export_roles(run_dir, cfg, adapter, out, quant, base, lora_out, progress)
     state, hf_config, tokenizer = merged_state(cfg, adapter, base)
     family(hf_config)  # fail before writing anything
     path = write_gguf(state, hf_config, tokenizer, out, quant, name=f"himac-{Path(run_dir).name}", progress=progress)
@@ -417,4 +417,27 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "f16", base: s
     if deploy_files:
         from himac.deploy import write_deploy_files
         write_deploy_files(path, RunDir(run_dir, create=False).read_config())
+    return path
+
+
+def role_lora_paths(out: str | Path) -> dict[str, Path]:
+    """Beside a role-adapter run's base GGUF `out`: each role's LoRA GGUF (agent.gguf -> agent.planner-lora.gguf)."""
+    out = Path(out)
+    return {role: out.with_name(f"{out.stem}.{role}-lora.gguf") for role in ("planner", "executor")}
+
+
+def _export_roles(run_dir, cfg, adapter: Path, out, quant: str, base: str, lora_out, progress: bool) -> Path:
+    """role_adapters: one merged GGUF cannot hold two policies, so `out` is the base (the weights both adapters
+    were trained against) and each role's adapter is a LoRA GGUF beside it (role_lora_paths); LlamaCppPolicy's
+    role_loras applies the planner's while it writes blueprints and the executor's while it acts."""
+    if lora_out is not None:
+        raise ValueError(f"--lora-out {lora_out}: a role_adapters run writes both roles' LoRA GGUFs beside --out "
+                         f"({', '.join(str(p) for p in role_lora_paths(out).values())})")
+    state, hf_config, tokenizer = merged_state(cfg, None, base)  # fresh adapters have B = 0: the base itself
+    family(hf_config)
+    path = write_gguf(state, hf_config, tokenizer, out, quant, name=f"himac-{Path(run_dir).name}-base",
+                      progress=progress)
+    loras = role_lora_paths(path)
+    write_lora_gguf(Path(adapter) / models.PLANNER_ADAPTER, hf_config, loras["planner"])
+    write_lora_gguf(adapter, hf_config, loras["executor"])
     return path

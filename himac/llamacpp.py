@@ -12,6 +12,10 @@ meaning, so an exported agent runs the very same episodes (text observations onl
   top-k, top-p or min-p, the distribution Policy samples), stopping after an EOS
   token or, with stop_at_newline, after any token whose text holds a newline.
 
+A role_adapters run (one LoRA per role) exports as its base GGUF plus each role's LoRA GGUF;
+`role_loras` loads both and `role(name)` applies one, dropping the cached prefixes, which
+were computed under the other adapter.
+
 How it runs (llama.cpp's low-level API, one context with `n_seq` KV sequences):
 - each prompt of a batch gets a sequence ("slot") whose cached tokens share the
   longest prefix with it, and only the rest is evaluated. A prompt may also borrow a
@@ -24,6 +28,7 @@ How it runs (llama.cpp's low-level API, one context with `n_seq` KV sequences):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,10 +42,16 @@ class LlamaCppPolicy:
     """A GGUF agent through llama.cpp: satisfies himac.policy.AgentPolicy (text observations)."""
 
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16):
+                 seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16,
+                 role_loras: dict[str, str | Path] | None = None):
         """`n_ctx`: the longest prompt + completion; the KV cache holds 2 * n_ctx cells shared by
         `n_seq` sequences (prompts per decode batch), least recently used ones evicted when full.
-        `lora_path`: a LoRA adapter GGUF (export.write_lora_gguf) applied on top of the model."""
+        `lora_path`: a LoRA adapter GGUF (export.write_lora_gguf) applied on top of the model.
+        `role_loras`: {'planner': GGUF, 'executor': GGUF}, a role_adapters run's adapters
+        (export.role_lora_paths): `role(name)` applies that role's, the executor's otherwise."""
+        if role_loras is not None and (lora_path is not None or set(role_loras) != {"planner", "executor"}):
+            raise ValueError(f"role_loras {sorted(role_loras)}: give exactly 'planner' and 'executor', "
+                             "and no lora_path beside them")
         try:
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -66,9 +77,42 @@ class LlamaCppPolicy:
         self._chat = Jinja2ChatFormatter(template, eos_token=self._piece(self.llm.token_eos()),
                                          bos_token=self._piece(bos) if bos >= 0 else "", add_generation_prompt=True)
         self._rng = np.random.default_rng(seed)
+        self._roles: dict[str, object] = {}
+        self._role: str | None = None
+        for role, path in (role_loras or {}).items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"role_loras[{role!r}]: LoRA GGUF {path} does not exist")
+            import llama_cpp as L
+            adapter = L.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+            if adapter is None:  # freed with the model
+                raise RuntimeError(f"llama.cpp could not load the {role}'s LoRA adapter {path}")
+            self._roles[role] = adapter
+        if self._roles:
+            self._use_role("executor")
         self._newline_ids: list[int] | None = None
         self.generated_tokens = 0  # running totals, for throughput reports
         self.evaluated_tokens = 0  # prompt + generated tokens pushed through the model
+
+    # -- roles (role_adapters runs) ----------------------------------------------------
+    @contextlib.contextmanager
+    def role(self, name: str):
+        """Within it, `name`'s LoRA adapter is applied (role_loras; a no-op without them)."""
+        if not self._roles:
+            yield
+            return
+        previous = self._role
+        self._use_role(name)
+        try:
+            yield
+        finally:
+            self._use_role(previous)
+
+    def _use_role(self, name: str) -> None:
+        if name == self._role:
+            return
+        self._slots.set_lora(self._roles[name], self.llm.lora_scale)
+        self._slots.clear()  # cached prefixes were computed under the other role's adapter
+        self._role = name
 
     # -- vocabulary ----------------------------------------------------------------
     def _piece(self, token: int) -> str:
@@ -195,10 +239,7 @@ class _Slots:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx * 2} tokens x {n_seq} sequences")
         adapter = getattr(llm, "_lora_adapter", None)
         if adapter is not None:  # the Llama object loaded it; apply it to this context as well
-            import ctypes
-            adapters = (L.llama_adapter_lora_p_ctypes * 1)(adapter)
-            if L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale)):
-                raise RuntimeError("llama.cpp could not apply the LoRA adapter")
+            self.set_lora(adapter, llm.lora_scale)
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(512, 0, 1)
         self.n_vocab = llm.n_vocab()
@@ -214,6 +255,13 @@ class _Slots:
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
             self.ctx = None
+
+    def set_lora(self, adapter, scale: float) -> None:
+        """Apply this one LoRA adapter (in place of any other) to the context."""
+        import ctypes
+        adapters = (self.L.llama_adapter_lora_p_ctypes * 1)(adapter)
+        if self.L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+            raise RuntimeError("llama.cpp could not apply the LoRA adapter")
 
     def clear(self) -> None:
         """Forget every cached sequence (the next prompts are evaluated from scratch)."""

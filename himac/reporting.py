@@ -277,17 +277,16 @@ def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: 
         "```",
         "",
         "The agent's prompts (planner and executor, with their prefilled prefixes) are built by himac; to play "
-        f"episodes, evaluate, resume{'' if roles else ' or export'} the run:",
+        "episodes, evaluate, resume or export the run:",
         "",
         "```bash",
-        f"python -m himac.evaluate --checkpoint {_q(path)} " + ("--backend hf" if roles else "[--backend hf|llamacpp]"),
+        f"python -m himac.evaluate --checkpoint {_q(path)} [--backend hf|llamacpp]",
         f"python -m himac.coevolve --resume {_q(path)} --set iterations=N",
-        *([] if roles else [f"python tools/export_gguf.py --checkpoint {_q(path)} --out agent.gguf   "
-                            "# + Modelfile and SERVE.md"]),
+        f"python tools/export_gguf.py --checkpoint {_q(path)} --out agent.gguf   "
+        + ("# the base + agent.planner-lora.gguf and agent.executor-lora.gguf" if roles
+           else "# + Modelfile and SERVE.md"),
         "```",
         "",
-        *(["One adapter per role (`role_adapters`): a GGUF holds one merged policy, so export of this run is not "
-           "built yet; it evaluates through transformers.", ""] if roles else []),
     ]
     return "\n".join(lines)
 
@@ -351,15 +350,12 @@ def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted:
     lines.append(f"  run directory: {path}  ({ckpt}; metrics.jsonl, eval.jsonl, progress.png)")
     if checkpoint_iteration is not None:
         more = total if interrupted and done < total else max(total * 2, total + 1)
-        roles = bool(config.get("role_adapters"))  # two adapters: one GGUF cannot hold them (export.read_run)
         lines += ["  next:",
-                  f"    python -m himac.evaluate --checkpoint {_q(path)} --backend {'hf' if roles else 'llamacpp'}"
-                  "    # held-out episodes",
+                  f"    python -m himac.evaluate --checkpoint {_q(path)} --backend llamacpp    # held-out episodes",
                   f"    python -m himac.coevolve --resume {_q(path)}"
-                  + ("" if interrupted and done < total else f" --set iterations={more}") + "    # train on"]
-        if not roles:
-            lines.append(f"    python tools/export_gguf.py --checkpoint {_q(path)} --out "
-                         f"{_q(path / 'export' / 'agent.gguf')}    # GGUF + ollama Modelfile + SERVE.md")
+                  + ("" if interrupted and done < total else f" --set iterations={more}") + "    # train on",
+                  f"    python tools/export_gguf.py --checkpoint {_q(path)} --out {_q(path / 'export' / 'agent.gguf')}"
+                  "    # GGUF + ollama Modelfile + SERVE.md"]
     if "tensorboard" in reporters:
         lines.append(f"    tensorboard --logdir {_q(run.tensorboard_dir)}")
     if "wandb" in reporters and config.get("wandb_mode", "offline") == "offline":

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from envs.sokoban import PROMPTS
 from himac import executor, export, models, planner
 from himac.experiment import load_config
-from himac.policy import Policy
+from himac.policy import Policy, as_role
 from himac.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,3 +306,34 @@ def test_export_tool_end_to_end(runs, tmp_path):
     missing = subprocess.run([sys.executable, "tools/export_gguf.py", "--checkpoint", str(tmp_path / "none"),
                               "--out", str(tmp_path / "y.gguf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "not a run directory" in missing.stderr
+
+
+def test_a_role_adapter_run_exports_the_base_and_each_roles_lora_and_runs_them_in_their_roles(tmp_path):
+    """role_adapters: one GGUF cannot hold two policies; the base plus one LoRA GGUF per role does, and
+    llama.cpp applies each in its role (the same logits as transformers with that adapter active)."""
+    pytest.importorskip("llama_cpp")
+    from himac.evaluate import load_backend
+    run = make_run(tmp_path / "roles", role_adapters=True)
+    out = export.export_run(run, tmp_path / "agent.gguf", "f32", progress=False)
+    loras = export.role_lora_paths(out)
+    assert sorted(loras) == ["executor", "planner"] and all(p.is_file() for p in loras.values())
+    with pytest.raises(ValueError, match="--lora-out"):  # one adapter alone would be half the agent
+        export.export_run(run, tmp_path / "other.gguf", "f32", lora_out=tmp_path / "x.gguf", progress=False)
+    cfg, adapter = export.read_run(run)
+    model, tok = models.load(cfg, adapter_dir=adapter)
+    hf = Policy(model.eval(), tok)
+    full = load_config(None, {**RunDir(run, create=False).read_config()})
+    for cpp in (load_backend("llamacpp", str(tmp_path / "agent.gguf"), full),  # the base alone: no roles
+                load_backend("llamacpp", str(run), full)):  # the run: exported on first use, roles applied
+        prompt, want, got = chat_prompts(tok)[0], {}, {}
+        for role in ("executor", "planner", "executor"):  # one prompt again and again: no cached prefix
+            with hf.role(role), torch.no_grad():       # may leak from one role's adapter into the other's
+                want[role] = model(input_ids=torch.tensor([prompt])).logits[0, -1].float().numpy()
+            with as_role(cpp, role):
+                got[role] = cpp.logits(prompt)
+        if cpp.path == out:
+            assert abs(got["planner"] - got["executor"]).max() == 0.0  # no adapter at all
+            continue
+        assert abs(want["planner"] - want["executor"]).max() > 0.05  # the two adapters differ
+        for role in want:
+            assert abs(got[role] - want[role]).max() < 1e-3, role

@@ -1,4 +1,5 @@
-"""role_adapters: one LoRA adapter per role on the one base model, on the tiny test-only model.
+"""role_adapters: one LoRA adapter per role on the one base model, on the tiny test-only model
+(export and llama.cpp: tests/test_export.py).
 
 The planner writes and trains with its adapter, the executor with its own, so neither
 role's steps can move the other; pi_ref stays the base model; a checkpoint keeps both."""
@@ -132,19 +133,13 @@ def test_role_adapters_are_refused_where_there_is_one_role_or_one_joint_step(rol
                       rows_for(role_policy), UpdateConfig(), {BLUEPRINT, ACTION})
 
 
-def test_export_refuses_a_role_adapter_run_by_name_and_the_reports_do_not_offer_it(tmp_path, role_policy):
-    from himac import export, reporting
+def test_the_model_card_says_how_to_load_the_planners_adapter(tmp_path, role_policy):
+    from himac import reporting
     run = RunDir(tmp_path / "run")
     flat = load_config(None, {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "role_adapters": True}).flat()
-    run.write_config(flat)
     run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
-    with pytest.raises(export.UnsupportedModel, match="role_adapters"):
-        export.read_run(tmp_path / "run")
     for roles in (True, False):
-        config = dict(flat, role_adapters=roles)
-        summary = reporting.run_summary(run, config, 1.0, checkpoint_iteration=0)
-        card = reporting.model_card(run, config, 0, "base")
-        assert ("export_gguf" in summary) != roles and ("export_gguf" in card) != roles
-        assert ("--backend hf" in summary) == roles
-        assert ("load_adapter" in card) == roles
+        card = reporting.model_card(run, dict(flat, role_adapters=roles), 0, "base")
+        assert ("load_adapter" in card) == roles and ("planner-lora.gguf" in card) == roles
         assert (str(run.adapter_dir / "planner") in card) == roles
+    assert (run.adapter_dir / "planner" / "adapter_config.json").is_file()

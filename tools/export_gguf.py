@@ -40,7 +40,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)" + (f" and {args.lora_out}" if args.lora_out else ""))
-    if not args.no_deploy_files:
+    if export.read_run(args.checkpoint)[0].role_adapters:  # the base plus each role's adapter, no merged agent
+        print(f"wrote {' and '.join(map(str, export.role_lora_paths(out).values()))}: the planner's and the "
+              f"executor's LoRA on that base "
+              f"(python -m himac.evaluate --checkpoint {args.checkpoint} --backend llamacpp applies each in its role)")
+    elif not args.no_deploy_files:
         print(f"wrote {out.parent / 'Modelfile'} (ollama create himac-agent -f {out.parent / 'Modelfile'}) and "
               f"{out.parent / 'SERVE.md'} (server commands and prompts)")
     if not args.no_verify:
