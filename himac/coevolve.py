@@ -548,9 +548,7 @@ def choose_blueprints(blueprints: list[list], returns: torch.Tensor, choice: str
 
 
 # Keys that fix the shape of the adapter or of the optimiser state: a checkpoint cannot change them.
-FIXED_ON_RESUME = ("env", "model", "dtype", "load_in_4bit", "quant_skip_modules", "lora_r", "lora_alpha",
-                   "lora_dropout", "lora_target", "tiny_hidden", "tiny_seed", "optimizer_per_role",
-                   "role_adapters")
+FIXED_ON_RESUME = ("env", "dtype", *models.ADAPTER_KEYS, "optimizer_per_role")
 
 
 def resumed_config(run: RunDir, saved: dict) -> dict:

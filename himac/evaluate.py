@@ -91,6 +91,10 @@ def load_backend(backend: str, checkpoint: str | None, cfg, quant: str = "f32", 
     if is_gguf and not path.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such GGUF file")
     run = RunDir(path, create=False) if is_run else None
+    if run is not None:  # the checkpoint decides what its weights are, whatever config the caller built
+        saved = run.read_config() if run.config_file.is_file() else {}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, **{k: saved[k] for k in models.ADAPTER_KEYS if k in saved}))
     if backend == "llamacpp":
         from himac.llamacpp import LlamaCppPolicy
         role_loras = None

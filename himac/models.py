@@ -215,6 +215,9 @@ def _vision_tower(model) -> torch.nn.Module:
     return towers[0]
 
 
+# The ModelConfig keys that say what a checkpoint's weights are: its base, quantisation and adapters.
+ADAPTER_KEYS = ("model", "load_in_4bit", "quant_skip_modules", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
+                "role_adapters", "tiny_hidden", "tiny_seed")
 EXECUTOR_ADAPTER = "default"  # peft's name: a run without role_adapters has only this one, saved as before
 PLANNER_ADAPTER = "planner"  # role_adapters: saved by peft in the adapter directory's planner/ subfolder
 

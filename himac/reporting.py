@@ -355,7 +355,8 @@ def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted:
                   f"    python -m himac.coevolve --resume {_q(path)}"
                   + ("" if interrupted and done < total else f" --set iterations={more}") + "    # train on",
                   f"    python tools/export_gguf.py --checkpoint {_q(path)} --out {_q(path / 'export' / 'agent.gguf')}"
-                  "    # GGUF + ollama Modelfile + SERVE.md"]
+                  + ("    # the base GGUF + the planner's and the executor's LoRA GGUFs" if config.get("role_adapters")
+                     else "    # GGUF + ollama Modelfile + SERVE.md")]
     if "tensorboard" in reporters:
         lines.append(f"    tensorboard --logdir {_q(run.tensorboard_dir)}")
     if "wandb" in reporters and config.get("wandb_mode", "offline") == "offline":

@@ -133,13 +133,32 @@ def test_role_adapters_are_refused_where_there_is_one_role_or_one_joint_step(rol
                       rows_for(role_policy), UpdateConfig(), {BLUEPRINT, ACTION})
 
 
-def test_the_model_card_says_how_to_load_the_planners_adapter(tmp_path, role_policy):
+def test_the_summary_and_model_card_say_what_export_writes_and_how_to_load_the_planner(tmp_path, role_policy):
     from himac import reporting
     run = RunDir(tmp_path / "run")
     flat = load_config(None, {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "role_adapters": True}).flat()
     run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
     for roles in (True, False):
+        summary = reporting.run_summary(run, dict(flat, role_adapters=roles), 1.0, checkpoint_iteration=0)
+        assert ("LoRA GGUFs" in summary) == roles and ("Modelfile" in summary) != roles
         card = reporting.model_card(run, dict(flat, role_adapters=roles), 0, "base")
         assert ("load_adapter" in card) == roles and ("planner-lora.gguf" in card) == roles
         assert (str(run.adapter_dir / "planner") in card) == roles
     assert (run.adapter_dir / "planner" / "adapter_config.json").is_file()
+
+
+def test_a_run_directory_loads_with_its_own_adapters_whatever_config_the_caller_built(tmp_path, role_policy):
+    """Tools build their config from --config; the run's checkpoint still decides it has two adapters."""
+    from himac.evaluate import load_backend
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in models.adapter_params(role_policy.model, models.PLANNER_ADAPTER):
+            p.normal_(0, 0.05)
+    run = RunDir(tmp_path / "run")
+    run.write_config(load_config(None, {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "role_adapters": True}).flat())
+    run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
+    policy = load_backend("hf", str(run.path), load_config(None, {"model": "tiny"}))  # no role_adapters in it
+    assert models.has_role_adapters(policy.model)
+    for a, b in zip(models.adapter_params(policy.model, models.PLANNER_ADAPTER),
+                    models.adapter_params(role_policy.model, models.PLANNER_ADAPTER)):
+        assert torch.equal(a, b)
