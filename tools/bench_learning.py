@@ -244,9 +244,16 @@ def plot(curves: dict[str, dict[str, dict]], path: Path, title: str, clock: str 
     axes[0].set_ylabel("held-out greedy success (mean ± SE over seeds)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if len(labels) <= 6:
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+    else:  # a merged bench: the legend below both panels, where it hides no curve
+        rows = (len(labels) + 1) // 2
+        fig.set_size_inches(12, 4.5 + 0.22 * rows)
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.22 * rows / (4.5 + 0.22 * rows) + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
