@@ -42,7 +42,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from himac import choices as choice_mask
-from himac import vision
+from himac import models, vision
 
 
 @dataclass
@@ -319,7 +319,6 @@ class Policy:
     def role(self, name: str):
         """Within it, the forward uses `name`'s adapter ('planner' or 'executor') when the model has one
         per role (ModelConfig.role_adapters); a no-op for the paper's single shared adapter."""
-        from himac import models
         if not models.has_role_adapters(self.model):
             yield
             return

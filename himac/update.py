@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from himac import distributed as dist
-from himac import groups, vision
+from himac import groups, models, vision
 from himac.policy import TrainablePolicy, as_role
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
@@ -171,10 +171,10 @@ class Optimizers:
     """
 
     def __init__(self, model, cfg: UpdateConfig):
-        from himac import models
         if models.has_role_adapters(model):  # one adapter per role: each optimiser holds its own weights only
-            self.by_role = {"executor": make_optimizer(model, cfg, models.adapter_params(model, models.EXECUTOR_ADAPTER)),
-                            "planner": make_optimizer(model, cfg, models.adapter_params(model, models.PLANNER_ADAPTER))}
+            self.by_role = {role: make_optimizer(model, cfg, models.adapter_params(model, adapter))
+                            for role, adapter in (("executor", models.EXECUTOR_ADAPTER),
+                                                  ("planner", models.PLANNER_ADAPTER))}
             return
         executor = make_optimizer(model, cfg)
         self.by_role = {"executor": executor,
@@ -260,7 +260,6 @@ def policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, row
     ratio_mean, grad_norm (means over the steps taken), tokens, steps, steps_skipped,
     update_s; {} when no row is selected.
     """
-    from himac import models
     if len(kinds) > 1 and models.has_role_adapters(getattr(policy, "model", None)):
         raise ValueError("one update step over blueprint and action tokens needs one shared adapter; "
                          "role_adapters gives each role its own (set coevolution true or role_adapters false)")
