@@ -205,3 +205,21 @@ def test_merge_takes_a_bench_of_another_config_on_the_same_rooms_and_refuses_oth
     bad = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(e), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "not the same rooms" in bad.stderr and "sokoban_bench.yaml" in bad.stderr
+
+
+def test_merge_adds_a_later_benchs_other_seeds_of_a_variant_to_its_row_and_refuses_the_same_seed(tmp_path):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_bench_doc({}, {"himac": {"0": _curve([0.0, 0.2]), "1": _curve([0.0, 0.4])}})))
+    b.write_text(json.dumps(_bench_doc({}, {"himac": {"3": _curve([0.0, 0.9])}})))  # seeds 3 of the same settings
+    c.write_text(json.dumps(_bench_doc({}, {"himac": {"1": _curve([0.0, 0.9])}})))  # seed 1 again
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(b), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "curves.json").read_text())
+    assert list(doc["curves"]) == ["himac"] and sorted(doc["curves"]["himac"]) == ["0", "1", "3"]
+    row = proc.stdout.splitlines()[2].split()
+    assert row[0] == "himac" and int(row[1]) == 3 and float(row[3]) == 0.5  # seeds, final mean (0.2 + 0.4 + 0.9) / 3
+    bad = subprocess.run([sys.executable, "tools/bench_learning.py", "--merge", str(a), str(c), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "seed(s) 1 already" in bad.stderr

@@ -265,7 +265,8 @@ WHEN_EVALUATED = ("eval_every", "eval_every_minutes")  # when a curve has points
 def merge(paths: list[Path]) -> dict:
     """Several benches' curves.json as one: the same config file, held-out rooms and clock, or a ValueError
     naming what differs. A variant whose bench had overrides the first bench lacks is labelled with them,
-    e.g. 'himac (macro_every=2)', so two benches of one variant can share a table and a plot."""
+    e.g. 'himac (macro_every=2)', so two benches of one variant can share a table and a plot; a bench that ran
+    other seeds of a variant with the same settings adds them to its row."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     first = docs[0]
     out = {**first, "merged_from": [str(p) for p in paths], "curves": {}}
@@ -289,9 +290,10 @@ def merge(paths: list[Path]) -> dict:
         tag = f" ({', '.join(words)})" if words else ""
         for name, seeds in doc["curves"].items():
             label = name + tag
-            if label in out["curves"]:
-                raise ValueError(f"{path}: variant {label!r} is already in an earlier file")
-            out["curves"][label] = seeds
+            clash = sorted(set(seeds) & set(out["curves"].get(label, {})), key=int)
+            if clash:
+                raise ValueError(f"{path}: variant {label!r} seed(s) {', '.join(clash)} already in an earlier file")
+            out["curves"][label] = {**out["curves"].get(label, {}), **seeds}  # more seeds of one variant: one row
     return out
 
 
