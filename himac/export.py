@@ -423,7 +423,7 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "f16", base: s
 def role_lora_paths(out: str | Path) -> dict[str, Path]:
     """Beside a role-adapter run's base GGUF `out`: each role's LoRA GGUF (agent.gguf -> agent.planner-lora.gguf)."""
     out = Path(out)
-    return {role: out.with_name(f"{out.stem}.{role}-lora.gguf") for role in ("planner", "executor")}
+    return {role: out.with_name(f"{out.stem}.{role}-lora.gguf") for role in models.ROLE_ADAPTERS}
 
 
 def _export_roles(run_dir, cfg, adapter: Path, out, quant: str, base: str, lora_out, progress: bool) -> Path:

@@ -220,6 +220,7 @@ ADAPTER_KEYS = ("model", "load_in_4bit", "quant_skip_modules", "lora_r", "lora_a
                 "role_adapters", "tiny_hidden", "tiny_seed")
 EXECUTOR_ADAPTER = "default"  # peft's name: a run without role_adapters has only this one, saved as before
 PLANNER_ADAPTER = "planner"  # role_adapters: saved by peft in the adapter directory's planner/ subfolder
+ROLE_ADAPTERS = {"planner": PLANNER_ADAPTER, "executor": EXECUTOR_ADAPTER}  # role -> its adapter's name
 
 
 def has_role_adapters(model) -> bool:
@@ -235,7 +236,9 @@ def adapter_params(model, adapter: str) -> list[torch.nn.Parameter]:
 def activate(model, adapter: str) -> None:
     """Make `adapter` the one the forward uses, leaving which weights are trainable as it was (peft's
     set_adapter freezes the others; both roles' weights stay in their optimisers, and a weight outside
-    the forward simply gets no gradient)."""
+    the forward simply gets no gradient). A no-op when it is active already (each executor turn asks)."""
+    if model.active_adapter == adapter:
+        return
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.set_adapter(adapter)
     for p in trainable:
@@ -303,7 +306,7 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
         if cfg.role_adapters:
             model.add_adapter(PLANNER_ADAPTER, lora)
     if cfg.role_adapters:
-        for name in (PLANNER_ADAPTER, EXECUTOR_ADAPTER):
+        for name in ROLE_ADAPTERS.values():
             for p in adapter_params(model, name):
                 p.requires_grad_(True)
         activate(model, EXECUTOR_ADAPTER)

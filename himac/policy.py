@@ -90,7 +90,7 @@ class TrainablePolicy(AgentPolicy, Protocol):
         """Within it, the policy computes pi_ref (the adapter switched off)."""
 
 
-ROLES = ("planner", "executor")
+ROLES = tuple(models.ROLE_ADAPTERS)  # ("planner", "executor")
 
 
 def as_role(policy: AgentPolicy, name: str) -> ContextManager:
@@ -323,7 +323,7 @@ class Policy:
             yield
             return
         previous = self.model.active_adapter
-        models.activate(self.model, models.PLANNER_ADAPTER if name == "planner" else models.EXECUTOR_ADAPTER)
+        models.activate(self.model, models.ROLE_ADAPTERS[name])
         try:
             yield
         finally:

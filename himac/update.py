@@ -173,8 +173,7 @@ class Optimizers:
     def __init__(self, model, cfg: UpdateConfig):
         if models.has_role_adapters(model):  # one adapter per role: each optimiser holds its own weights only
             self.by_role = {role: make_optimizer(model, cfg, models.adapter_params(model, adapter))
-                            for role, adapter in (("executor", models.EXECUTOR_ADAPTER),
-                                                  ("planner", models.PLANNER_ADAPTER))}
+                            for role, adapter in models.ROLE_ADAPTERS.items()}
             return
         executor = make_optimizer(model, cfg)
         self.by_role = {"executor": executor,
