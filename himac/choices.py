@@ -74,16 +74,18 @@ class ChoiceLogits(LogitsProcessor):
         return scores if masked is None else masked
 
 
-def mask_logits(logits: torch.Tensor, allowed_sets: list[list[list[int]] | None]) -> torch.Tensor:
-    """-inf outside each row's allowed set, position by position; (R, C, V) in and out. Rows with None (and
-    positions past a row's list) are left alone."""
-    if not any(allowed_sets):
-        return logits
-    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+def keep_mask(shape: tuple[int, int, int], allowed_sets: list[list[list[int]] | None] | None,
+              device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """(R, C, V) bool, False outside each row's allowed set, position by position; rows with None (and
+    positions past a row's list) keep every token. None when no row has a set."""
+    if not allowed_sets or not any(allowed_sets):
+        return None
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
     for i, sets in enumerate(allowed_sets):
         for t, ok in enumerate(sets or []):
-            if t >= logits.shape[1]:
+            if t >= shape[1]:
                 break
             keep[i, t] = False
             keep[i, t, ok] = True
-    return logits.masked_fill(~keep, float("-inf"))
+    return keep
+

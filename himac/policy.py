@@ -9,8 +9,9 @@ the prompts they build. This wrapper hides the tokenizer/padding details:
 - `logprobs` lays each training row out as [left pad | prompt | completion |
   right pad], passes explicit position ids (left padding would otherwise shift
   RoPE positions relative to generation) and asks the model for logits only at
-  completion positions (`logits_to_keep`), which skips the LM head over prompts:
-  on SmolLM2 the head is 28M of 135M parameters.
+  completion positions (`logits_to_keep`), which skips the LM head over prompts
+  (on SmolLM2 the head is 28M of 135M parameters), and takes log pi of the sampled
+  tokens through `himac.token_logp`, which keeps no float32 copy of the logits.
 Vision-language models (Qwen2.5-VL) take images through `encode_images`, and
 `generate` / `logprobs` take the resulting pixels per prompt (himac/vision.py).
 Rows with images get Qwen's 3-D (time, height, width) rotary positions, which
@@ -43,6 +44,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from himac import choices as choice_mask
 from himac import models, vision
+from himac.token_logp import token_logprobs
 
 
 @dataclass
@@ -304,15 +306,9 @@ class Policy:
             extra = {"position_ids": positions[:, :-1]}
         logits = self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], logits_to_keep=C, use_cache=False,
                             **extra).logits
-        logits = logits.float()  # (R, C, V)
-        if self.banned_ids:  # the same support as generate(): markers are never written
-            logits = logits.index_fill(-1, torch.tensor(self.banned_ids, device=logits.device), float("-inf"))
-        if allowed:
-            logits = choice_mask.mask_logits(logits, allowed)
-        if temperatures is not None:
-            logits = logits / temperatures.to(logits.device)[:, None, None]
-        targets = ids[:, P:]  # (R, C)
-        logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (R, C)
+        # (R, C, V) in the model's dtype; the log-softmax works through it a few rows at a time in float32
+        keep = choice_mask.keep_mask(tuple(logits.shape), allowed, logits.device)
+        logp = token_logprobs(logits, ids[:, P:], temperatures, self.banned_ids, keep)  # (R, C)
         return logp, mask
 
     @contextlib.contextmanager

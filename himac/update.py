@@ -226,13 +226,13 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     completions = [r.completion_ids for r in rows]
     temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
     extra = {**vision.image_kwargs([r.images for r in rows]), **_allowed_kwargs(rows)}  # images, choices
+    ref = None
+    if beta > 0:  # first: its (R, C, V) logits are freed before the forward with gradients keeps its own
+        with torch.no_grad(), policy.reference():
+            ref, _ = policy.logprobs(prompts, completions, temps, **extra)  # (R, C)
     logp, mask = policy.logprobs(prompts, completions, temps, **extra)  # (R, C) with grad
     C = logp.shape[1]
     w = weights[:, :C].to(logp.device) * mask  # (R, C)
-    ref = None
-    if beta > 0:
-        with torch.no_grad(), policy.reference():
-            ref, _ = policy.logprobs(prompts, completions, temps, **extra)  # (R, C)
     old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
     return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=beta)

@@ -17,7 +17,7 @@ LAYERS = [  # bottom first
               "envs/alfworld.py", "envs/alfworld_games.py", "envs/procpool.py", "envs/webshop_data.py",
               "envs/webshop_reward.py", "envs/webshop.py"]),
     ("math", ["himac/__init__.py", "himac/config.py", "himac/groups.py", "himac/estimators.py",
-              "himac/distributed.py"]),
+              "himac/token_logp.py", "himac/distributed.py"]),
     ("model and policy", ["himac/vision.py", "himac/choices.py", "himac/tiny.py", "himac/shapes.py", "himac/models.py", "himac/policy.py",
                           "himac/llamacpp.py", "himac/llamacpp_server.py"]),
     ("roles and update", ["himac/update.py", "himac/planner.py", "himac/executor.py"]),

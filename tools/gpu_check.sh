@@ -7,7 +7,9 @@
 # 1. the `gpu`-marked tests (python -m pytest -m gpu);
 # 2. one co-evolution iteration of the Qwen2.5-1.5B shape through `python -m himac.coevolve
 #    configs/sokoban_1p5b.yaml`, without and with NF4 (bf16 compute), shortened (below);
-# 3. tools/bench_memory.py on the Qwen2.5-VL-3B shape at configs/sokoban_3b.yaml (NF4, G = M = 8,
+# 3. tools/bench_logprobs.py --update on the 1.5B shape at sokoban_1p5b.yaml's micro-batch (16 rows of 1024 + 512
+#    tokens): one update step's peak with the chunked log-probs against the plain arithmetic;
+# 4. tools/bench_memory.py on the Qwen2.5-VL-3B shape at configs/sokoban_3b.yaml (NF4, G = M = 8,
 #    8 tasks, 512-token blueprints: the generation batch and the longest update rows of the real
 #    setting; executor actions shortened to 32 tokens and 2 steps to fit the time);
 # then one table: the card (torch.cuda.get_device_name), seconds, peak allocated and reserved.
@@ -118,6 +120,12 @@ for nf4 in false true; do
   fi
 done
 
+# the update's log-probs, chunked against the plain arithmetic, at the 1.5B config's own micro-batch and its
+# longest rows (16 x 1024 prompt + 512 completion tokens); seconds on a GPU (the shape is cached by now)
+LP_NF4=""; has bitsandbytes || LP_NF4="--no-nf4"
+if [ "$CUDA" = 1 ]; then LP_SET="--rows 16 --prompt 1024 --completion 512"; else LP_SET="--rows 2 --prompt 8 --completion 4"; fi
+step logp-1.5b "bench_logprobs" -- "$PY" tools/bench_logprobs.py --update "$SHAPE_LM" $LP_SET $LP_NF4 --json "$OUT/logp.json"
+
 VL_NF4=true; has bitsandbytes || VL_NF4=false
 step vl-3b-$([ $VL_NF4 = true ] && echo nf4 || echo bf16) "bench_memory" -- "$PY" tools/bench_memory.py \
   configs/sokoban_3b.yaml --model "$SHAPE_VL" --set load_in_4bit=$VL_NF4 --json "$OUT/vl-3b.json" $COMMON $VL_SET
@@ -146,7 +154,11 @@ for line in (out / "steps.tsv").read_text().splitlines():
         tail = log.read_text().strip().splitlines()
         result += f": {tail[-1].strip('= ')}" if tail else ""
     js = out / ("vl-3b.json" if name.startswith("vl-3b") else f"{name}.json")
-    if rc == "0" and js.is_file():  # bench_memory's rows
+    if name == "logp-1.5b" and rc == "0" and (out / "logp.json").is_file():  # bench_logprobs: chunked's peak
+        lp = {r["way"]: r for r in json.loads((out / "logp.json").read_text())["rows"]}
+        result += f" (plain {lp['plain']['peak_gib']:.2f} GiB over the loaded model, chunked {lp['chunked']['peak_gib']:.2f})"
+        peak = f"{lp['chunked']['held_gib'] + lp['chunked']['peak_gib']:.2f}"
+    elif rc == "0" and js.is_file():  # bench_memory's rows
         r = json.loads(js.read_text())
         phases = r["phases"]
         it = f"{r['iteration_s']:.1f}"

@@ -1,0 +1,180 @@
+"""Benchmark: peak memory and time of the update's log-probs, chunked (himac.token_logp) against the plain
+tensor arithmetic, measured in the same run.
+
+    python tools/bench_logprobs.py                            # the LM head's output at Qwen2.5 widths, CPU
+    python tools/bench_logprobs.py --rows 16 --device cuda    # a 1.5B update's micro-batch on a GPU
+    python tools/bench_logprobs.py --update "shape:qwen2.5-1.5b-instruct?layers=2" --rows 4
+
+Default level: random logits (rows, completion, vocabulary) in the model's dtype, the leaf a model's head
+would hand over, and log pi of random targets with per-row temperatures and the marker ban, then the
+backward of a weighted sum: the part of an update step that the two ways differ in.
+`--update MODEL`: one micro-batch of `himac.update.rows_loss` (pi_ref forward, forward with gradients,
+Eq. 3) and its backward through a shape model (random weights, for measurement only) loaded as
+configs/sokoban_1p5b.yaml loads it (NF4, LoRA, gradient checkpointing; bf16 without NF4 on the CPU), with
+`himac.policy.token_logprobs` swapped for the plain arithmetic in the baseline.
+
+Each way runs in its own subprocess (peaks do not mix). Memory is the peak over what the process held
+just before the step: on CUDA `max_memory_allocated`; on the CPU the resident-set high-water mark
+(VmHWM, reset through /proc/self/clear_refs), with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc maps
+every large tensor on its own and gives it back when freed (the default threshold rises after the first
+frees, and freed tensors would then stay resident). The CPU's own matrix-product buffers (the head in bf16
+works in float32 there) are in the --update rows, not in the default level's.
+Before timing, both ways are checked to agree on a small case (values and gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import Meter  # noqa: E402
+
+from himac.token_logp import CHUNK_BYTES, reference_token_logprobs, token_logprobs  # noqa: E402
+
+GiB = 2 ** 30
+WAYS = {"plain": reference_token_logprobs, "chunked": token_logprobs}
+
+
+def _inputs(rows: int, completion: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, completion, vocab, generator=g).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(8, vocab, (rows, completion), generator=g).to(device)
+    temps = 0.8 + 0.4 * torch.rand(rows, generator=g)
+    weights = torch.randn(rows, completion, generator=g).to(device)
+    return logits, targets, temps, weights
+
+
+def check_agreement(dtype: torch.dtype, device: str) -> tuple[float, float]:
+    """Largest |difference| of values and of gradients between the two ways on a small case."""
+    logits, targets, temps, weights = _inputs(3, 5, 1000, dtype, device)
+    out = []
+    for fn in WAYS.values():
+        lp = fn(logits, targets, temps, [0, 1])
+        (grad,) = torch.autograd.grad((lp * weights).sum(), logits)
+        out.append((lp.detach(), grad.float()))
+    return float((out[0][0] - out[1][0]).abs().max()), float((out[0][1] - out[1][1]).abs().max())
+
+
+def run_head(way: str, args) -> dict:
+    meter = Meter(torch.device(args.device))
+    logits, targets, temps, weights = _inputs(args.rows, args.completion, args.vocab, getattr(torch, args.dtype),
+                                              args.device)
+    fn = WAYS[way]
+    if way == "chunked":
+        fn = functools.partial(fn, chunk_bytes=args.chunk_mib * 2**20)
+    fn(logits[:1, :2], targets[:1, :2], temps[:1], [0]).sum().backward()  # warm-up (kernels, pools)
+    logits.grad = None
+    meter.reset()
+    base = meter.now()
+    t0 = time.perf_counter()
+    lp = fn(logits, targets, temps, list(range(8)))
+    forward_peak = meter.peak()[0] - base
+    (lp * weights).sum().backward()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return {"way": way, "forward_gib": forward_peak / GiB, "peak_gib": (meter.peak()[0] - base) / GiB,
+            "s": time.perf_counter() - t0, "input_gib": logits.numel() * logits.element_size() / GiB}
+
+
+def run_update(way: str, args) -> dict:
+    import himac.policy
+    from himac import models
+    from himac.experiment import load_config
+    from himac.update import BLUEPRINT, Row, row_weights, rows_loss
+
+    if way == "plain":
+        himac.policy.token_logprobs = reference_token_logprobs  # the baseline: the tensor arithmetic
+    overrides = {"model": args.update, "device": args.device}
+    if args.device == "cpu":  # bitsandbytes' NF4 on the CPU dequantises at every product: hours at 1.5B
+        overrides.update(dtype="bfloat16", load_in_4bit=False)
+    if args.no_nf4:
+        overrides["load_in_4bit"] = False
+    cfg = load_config("configs/sokoban_1p5b.yaml", overrides)
+    model, tok = models.load(cfg.model)
+    policy = himac.policy.Policy(model, tok)
+    g = torch.Generator().manual_seed(0)
+    rows = [Row(torch.randint(100, 1000, (args.prompt,), generator=g).tolist(),
+                torch.randint(100, 1000, (args.completion,), generator=g).tolist(), BLUEPRINT, i, (-1.0) ** i)
+            for i in range(args.rows)]
+    weights = row_weights(rows, {BLUEPRINT})
+    model.train()
+    meter = Meter(torch.device(args.device))
+    meter.reset()
+    base = meter.now()
+    t0 = time.perf_counter()
+    loss, _ = rows_loss(policy, rows, weights, cfg.update)
+    forward_peak = meter.peak()[0] - base
+    loss.backward()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return {"way": way, "forward_gib": forward_peak / GiB, "peak_gib": (meter.peak()[0] - base) / GiB,
+            "s": time.perf_counter() - t0, "beta": cfg.update.kl_beta, "held_gib": base / GiB,
+            "load_in_4bit": cfg.model.load_in_4bit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=4, help="rows in the micro-batch (micro_batch_size)")
+    ap.add_argument("--completion", type=int, default=512, help="completion tokens a row (blueprint_max_tokens)")
+    ap.add_argument("--prompt", type=int, default=300, help="prompt tokens a row (--update only)")
+    ap.add_argument("--vocab", type=int, default=151_936, help="vocabulary (Qwen2.5: 151,936)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--update", metavar="MODEL", help="measure rows_loss + backward through this model instead")
+    ap.add_argument("--chunk-mib", type=int, default=CHUNK_BYTES // 2**20,
+                    help="the chunked way's float32 working set per chunk of rows (head level)")
+    ap.add_argument("--no-nf4", action="store_true", help="--update: load without NF4 (the CPU never uses it)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each subprocess")
+    ap.add_argument("--json", type=Path, help="write both rows here")
+    ap.add_argument("--one", choices=sorted(WAYS), help=argparse.SUPPRESS)  # a subprocess's own way
+    args = ap.parse_args(argv)
+    for name in ("rows", "completion", "prompt", "vocab", "threads", "chunk_mib"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps((run_update if args.update else run_head)(args.one, args)))
+        return 0
+
+    dv, dg = check_agreement(getattr(torch, args.dtype), args.device)
+    print(f"agreement on a 3 x 5 x 1000 case ({args.dtype}): values {dv:.1e}, gradients {dg:.1e}")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    for way in WAYS:
+        cmd = [sys.executable, __file__, "--one", way, *(argv if argv is not None else sys.argv[1:])]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-3000:])
+            print(f"bench_logprobs: the {way} run failed (exit {done.returncode})", file=sys.stderr)
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    what = ("rows_loss + backward through " + args.update) if args.update else "log-probs of the head's output"
+    mem = "allocated" if args.device == "cuda" else "resident (VmHWM)"
+    print(f"\n{what}: {args.rows} rows x {args.completion} completion tokens"
+          + (f" (+ {args.prompt} prompt)" if args.update else "") + f", vocabulary {args.vocab:,}, {args.dtype}, "
+          f"{args.device}, {args.threads} thread(s)"
+          + (f"; the logits {rows[0]['input_gib']:.2f} GiB" if not args.update else "") + "\n")
+    print(f"| way | forward peak GiB | forward + backward peak GiB | x plain | s | x plain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    plain = rows[0]
+    for r in rows:
+        print(f"| {r['way']} | {r['forward_gib']:.2f} | {r['peak_gib']:.2f} | {r['peak_gib'] / plain['peak_gib']:.2f} "
+              f"| {r['s']:.1f} | {r['s'] / plain['s']:.2f} |")
+    held = f"; before it the process held {rows[-1]['held_gib']:.2f} GiB" if args.update else ""
+    print(f"\npeaks over what the process held before the step ({mem}){held}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("json", "one")},
+                                         "agreement": {"values": dv, "gradients": dg}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
