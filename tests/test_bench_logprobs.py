@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -31,3 +32,17 @@ def test_bench_logprobs_names_a_bad_size(capsys):
     with pytest.raises(SystemExit):
         bench_logprobs.main(["--rows", "0"])
     assert "--rows 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_way_out_of_device_memory_is_a_row_not_a_crash(monkeypatch, capsys):
+    """A 24 GB card may not hold the plain way at 16 rows: its process reports it and the table says so."""
+    import bench_logprobs
+
+    def no_memory(way, args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench_logprobs, "run_head", no_memory)
+    assert bench_logprobs.main(["--one", "plain", "--rows", "1", "--completion", "2", "--vocab", "10",
+                                "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["way"] == "plain" and row["oom"] is True

@@ -156,7 +156,8 @@ for line in (out / "steps.tsv").read_text().splitlines():
     js = out / ("vl-3b.json" if name.startswith("vl-3b") else f"{name}.json")
     if name == "logp-1.5b" and rc == "0" and (out / "logp.json").is_file():  # bench_logprobs: chunked's peak
         lp = {r["way"]: r for r in json.loads((out / "logp.json").read_text())["rows"]}
-        result += f" (plain {lp['plain']['peak_gib']:.2f} GiB over the loaded model, chunked {lp['chunked']['peak_gib']:.2f})"
+        was = "out of memory" if lp["plain"].get("oom") else f"{lp['plain']['peak_gib']:.2f} GiB over the loaded model"
+        result += f" (plain {was}, chunked {lp['chunked']['peak_gib']:.2f})"
         peak = f"{lp['chunked']['held_gib'] + lp['chunked']['peak_gib']:.2f}"
     elif rc == "0" and js.is_file():  # bench_memory's rows
         r = json.loads(js.read_text())
