@@ -62,9 +62,7 @@ def reference_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temper
 def _scaled(logits: torch.Tensor, temps: torch.Tensor, banned: torch.Tensor, keep: torch.Tensor | None,
             lo: int, hi: int) -> torch.Tensor:
     """Rows lo:hi of z / T in float32, -inf on banned and not-kept tokens (a fresh tensor)."""
-    x = logits[lo:hi].float()
-    if x.data_ptr() == logits[lo:hi].data_ptr():  # already float32: .float() returned a view
-        x = x.clone()
+    x = logits[lo:hi].to(torch.float32, copy=True)  # a copy also when the logits are float32 already
     if banned.numel():
         x.index_fill_(-1, banned, float("-inf"))
     if keep is not None:
