@@ -46,3 +46,29 @@ def test_a_way_out_of_device_memory_is_a_row_not_a_crash(monkeypatch, capsys):
                                 "--device", "cpu"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["way"] == "plain" and row["oom"] is True
+
+
+def test_both_ways_in_one_process_share_one_load_and_give_the_same_loss(monkeypatch, capsys):
+    """--in-process (CUDA's default: gpu_check loads the 1.5B shape once): the plain way really runs the tensor
+    arithmetic, the chunked way himac's function, and the same step gives the same loss."""
+    import bench_logprobs
+    calls = {"plain": 0}
+    plain = bench_logprobs.WAYS["plain"]
+
+    def counted(*a, **k):
+        calls["plain"] += 1
+        return plain(*a, **k)
+
+    monkeypatch.setitem(bench_logprobs.WAYS, "plain", counted)
+    loads = []
+    load = bench_logprobs.load_update
+    monkeypatch.setattr(bench_logprobs, "load_update", lambda args: loads.append(1) or load(args))
+    assert bench_logprobs.main(["--update", "shape:qwen2.5-1.5b-instruct?layers=1&vocab=1024", "--rows", "2",
+                                "--prompt", "6", "--completion", "4", "--device", "cpu", "--in-process"]) == 0
+    out = capsys.readouterr().out
+    assert "both ways in one process" in out and "| plain |" in out and "| chunked |" in out
+    assert len(loads) == 1
+    # once in the agreement check, then pi_ref's forward and the forward with gradients of the plain way's step
+    assert calls["plain"] == 3
+    losses = [float(x) for x in out.split("loss: plain ")[1].split(", chunked ")]
+    assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0]))

@@ -13,13 +13,17 @@ Eq. 3) and its backward through a shape model (random weights, for measurement o
 configs/sokoban_1p5b.yaml loads it (NF4, LoRA, gradient checkpointing; bf16 without NF4 on the CPU), with
 `himac.policy.token_logprobs` swapped for the plain arithmetic in the baseline.
 
-Each way runs in its own subprocess (peaks do not mix). Memory is the peak over what the process held
-just before the step: on CUDA `max_memory_allocated`; on the CPU the resident-set high-water mark
+On the CPU each way runs in its own subprocess (peaks do not mix); on CUDA both run in one process, one
+model load, since the allocator counts every tensor exactly and its peak is reset between them (`--in-process`
+/ `--subprocesses` choose; gpu_check.sh saves a load of the 1.5B shape). Memory is the peak over what the
+process held just before the step: on CUDA `max_memory_allocated`; on the CPU the resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs), with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc maps
 every large tensor on its own and gives it back when freed (the default threshold rises after the first
 frees, and freed tensors would then stay resident). The CPU's own matrix-product buffers (the head in bf16
 works in float32 there) are in the --update rows, not in the default level's.
-Before timing, both ways are checked to agree on a small case (values and gradients).
+Before timing, both ways are checked to agree on a small case (values and gradients), and one small
+step runs first (kernels, pools); at the --update level each row also carries the step's loss, which
+the two ways must give alike.
 """
 from __future__ import annotations
 
@@ -84,14 +88,14 @@ def run_head(way: str, args) -> dict:
             "s": time.perf_counter() - t0, "input_gib": logits.numel() * logits.element_size() / GiB}
 
 
-def run_update(way: str, args) -> dict:
+def load_update(args) -> dict:
+    """The --update level's model (as configs/sokoban_1p5b.yaml loads it), its micro-batch and weights, after
+    one small step (kernels, cuBLAS, the allocator's pools)."""
     import himac.policy
     from himac import models
     from himac.experiment import load_config
     from himac.update import BLUEPRINT, Row, row_weights, rows_loss
 
-    if way == "plain":
-        himac.policy.token_logprobs = reference_token_logprobs  # the baseline: the tensor arithmetic
     overrides = {"model": args.update, "device": args.device}
     if args.device == "cpu":  # bitsandbytes' NF4 on the CPU dequantises at every product: hours at 1.5B
         overrides.update(dtype="bfloat16", load_in_4bit=False)
@@ -104,20 +108,73 @@ def run_update(way: str, args) -> dict:
     rows = [Row(torch.randint(100, 1000, (args.prompt,), generator=g).tolist(),
                 torch.randint(100, 1000, (args.completion,), generator=g).tolist(), BLUEPRINT, i, (-1.0) ** i)
             for i in range(args.rows)]
-    weights = row_weights(rows, {BLUEPRINT})
     model.train()
+    small = [Row(rows[0].prompt_ids[:4], rows[0].completion_ids[:4], BLUEPRINT, 0, 1.0)]
+    rows_loss(policy, small, row_weights(small, {BLUEPRINT}), cfg.update)[0].backward()
+    return {"cfg": cfg, "model": model, "policy": policy, "rows": rows, "weights": row_weights(rows, {BLUEPRINT})}
+
+
+def run_update(way: str, args, loaded: dict | None = None) -> dict:
+    """One micro-batch of rows_loss + backward with `way`'s log-probs; `loaded`: load_update's (else loaded here)."""
+    import himac.policy
+    from himac.update import rows_loss
+
+    loaded = loaded or load_update(args)
+    cfg, model = loaded["cfg"], loaded["model"]
+    for p in model.parameters():
+        p.grad = None
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     meter = Meter(torch.device(args.device))
     meter.reset()
     base = meter.now()
-    t0 = time.perf_counter()
-    loss, _ = rows_loss(policy, rows, weights, cfg.update)
-    forward_peak = meter.peak()[0] - base
-    loss.backward()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
+    himac.policy.token_logprobs = WAYS[way]  # "plain": the baseline, the tensor arithmetic
+    try:
+        t0 = time.perf_counter()
+        loss, _ = rows_loss(loaded["policy"], loaded["rows"], loaded["weights"], cfg.update)
+        forward_peak = meter.peak()[0] - base
+        loss.backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        himac.policy.token_logprobs = token_logprobs
     return {"way": way, "forward_gib": forward_peak / GiB, "peak_gib": (meter.peak()[0] - base) / GiB,
-            "s": time.perf_counter() - t0, "beta": cfg.update.kl_beta, "held_gib": base / GiB,
-            "load_in_4bit": cfg.model.load_in_4bit}
+            "s": seconds, "beta": cfg.update.kl_beta, "held_gib": base / GiB,
+            "load_in_4bit": cfg.model.load_in_4bit, "loss": float(loss)}
+
+
+def run_one(way: str, args, loaded: dict | None = None) -> dict:
+    """`way`'s row. A way that runs out of device memory is a row saying so, not a crash (a 24 GB card may not
+    hold the plain way at 16 rows)."""
+    try:
+        return run_update(way, args, loaded) if args.update else run_head(way, args)
+    except torch.OutOfMemoryError:
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"way": way, "oom": True, "forward_gib": float("nan"), "peak_gib": float("nan"), "s": float("nan"),
+                "held_gib": float("nan"), "input_gib": float("nan")}
+
+
+def in_process(args) -> list[dict]:
+    """Both ways in this process, one model load (CUDA's allocator counts exactly; its peak is reset between)."""
+    loaded = load_update(args) if args.update else None
+    return [run_one(way, args, loaded) for way in WAYS]
+
+
+def in_subprocesses(args, argv: list[str]) -> list[dict] | None:
+    """Each way in its own process (the CPU's resident set keeps what one way freed); None when one failed."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    for way in WAYS:
+        done = subprocess.run([sys.executable, __file__, "--one", way, *argv], env=env, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-3000:])
+            print(f"bench_logprobs: the {way} run failed (exit {done.returncode})", file=sys.stderr)
+            return None
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-nf4", action="store_true", help="--update: load without NF4 (the CPU never uses it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each subprocess")
     ap.add_argument("--json", type=Path, help="write both rows here")
+    way = ap.add_mutually_exclusive_group()
+    way.add_argument("--in-process", dest="in_process", action="store_true", default=None,
+                     help="both ways in this process, one model load (the default on CUDA)")
+    way.add_argument("--subprocesses", dest="in_process", action="store_false",
+                     help="each way in its own process (the default on the CPU)")
     ap.add_argument("--one", choices=sorted(WAYS), help=argparse.SUPPRESS)  # a subprocess's own way
     args = ap.parse_args(argv)
     for name in ("rows", "completion", "prompt", "vocab", "threads", "chunk_mib"):
@@ -141,31 +203,21 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     torch.set_num_threads(args.threads)
     if args.one:
-        try:
-            row = (run_update if args.update else run_head)(args.one, args)
-        except torch.OutOfMemoryError:  # a 24 GB card may not hold the plain way at 16 rows: say so, go on
-            row = {"way": args.one, "oom": True, "forward_gib": float("nan"), "peak_gib": float("nan"),
-                   "s": float("nan"), "held_gib": float("nan"), "input_gib": float("nan")}
-        print(json.dumps(row))
+        print(json.dumps(run_one(args.one, args)))
         return 0
 
     dv, dg = check_agreement(getattr(torch, args.dtype), args.device)
     print(f"agreement on a 3 x 5 x 1000 case ({args.dtype}): values {dv:.1e}, gradients {dg:.1e}")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-    rows = []
-    for way in WAYS:
-        cmd = [sys.executable, __file__, "--one", way, *(argv if argv is not None else sys.argv[1:])]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.stderr.write(done.stderr[-3000:])
-            print(f"bench_logprobs: the {way} run failed (exit {done.returncode})", file=sys.stderr)
-            return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    together = args.in_process if args.in_process is not None else args.device == "cuda"
+    rows = in_process(args) if together else in_subprocesses(args, argv if argv is not None else sys.argv[1:])
+    if rows is None:
+        return 1
     what = ("rows_loss + backward through " + args.update) if args.update else "log-probs of the head's output"
     mem = "allocated" if args.device == "cuda" else "resident (VmHWM)"
     print(f"\n{what}: {args.rows} rows x {args.completion} completion tokens"
           + (f" (+ {args.prompt} prompt)" if args.update else "") + f", vocabulary {args.vocab:,}, {args.dtype}, "
-          f"{args.device}, {args.threads} thread(s)"
+          f"{args.device}, {args.threads} thread(s), " + ("both ways in one process" if together else
+                                                          "each way in its own process")
           + (f"; the logits {rows[0]['input_gib']:.2f} GiB" if not args.update else "") + "\n")
     print(f"| way | forward peak GiB | forward + backward peak GiB | x plain | s | x plain |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -182,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_logprobs: the chunked way ran out of memory", file=sys.stderr)
         return 1
     print(f"\npeaks over what the process held before the step ({mem}){held}")
+    if args.update and not plain.get("oom"):  # the same step either way: the losses must agree
+        print(f"loss: plain {plain['loss']:.6f}, chunked {rows[-1]['loss']:.6f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("json", "one")},
                                          "agreement": {"values": dv, "gradients": dg}, "rows": rows}, indent=1))

@@ -6,9 +6,11 @@
 #
 # 1. the `gpu`-marked tests (python -m pytest -m gpu);
 # 2. one co-evolution iteration of the Qwen2.5-1.5B shape through `python -m himac.coevolve
-#    configs/sokoban_1p5b.yaml`, without and with NF4 (bf16 compute), shortened (below);
+#    configs/sokoban_1p5b.yaml`, without and with NF4 (bf16 compute), shortened to 2 tasks, G = M = 4,
+#    64-token blueprints, 32-token actions and 2 steps (the LM_SET line);
 # 3. tools/bench_logprobs.py --update on the 1.5B shape at sokoban_1p5b.yaml's micro-batch (16 rows of 1024 + 512
-#    tokens): one update step's peak with the chunked log-probs against the plain arithmetic;
+#    tokens): one update step's peak with the chunked log-probs against the plain arithmetic (one process, one
+#    load of the shape);
 # 4. tools/bench_memory.py on the Qwen2.5-VL-3B shape at configs/sokoban_3b.yaml (NF4, G = M = 8,
 #    8 tasks, 512-token blueprints: the generation batch and the longest update rows of the real
 #    setting; executor actions shortened to 32 tokens and 2 steps to fit the time);
@@ -73,7 +75,7 @@ if [ "$CUDA" = 1 ]; then
   SHAPE_LM="shape:qwen2.5-1.5b-instruct"
   SHAPE_VL="shape:qwen2.5-vl-3b-instruct"
   LM_SET="--set tasks_per_iteration=2 --set group_size=4 --set rollouts_per_blueprint=4
-          --set blueprint_max_tokens=128 --set action_max_tokens=32 --set max_steps=4 --set subgoal_step_limit=2"
+          --set blueprint_max_tokens=64 --set action_max_tokens=32 --set max_steps=2 --set subgoal_step_limit=2"
   VL_SET="--set tasks_per_iteration=8 --set blueprint_max_tokens=512 --set action_max_tokens=32
           --set max_steps=2 --set subgoal_step_limit=2"
 else
