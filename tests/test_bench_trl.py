@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 
@@ -62,3 +63,34 @@ def test_bench_trl_tiny_one_iteration(tmp_path):
     assert float(trl) == pytest.approx(s["trl"]["cpu_s_per_iteration_median"], abs=0.006)
     ratio_now = s["himac"]["cpu_s_per_iteration_median"] / s["trl"]["cpu_s_per_iteration_median"]
     assert float(ratio) == pytest.approx(ratio_now, abs=0.006)
+
+
+@pytest.mark.slow
+def test_bench_trl_takes_a_shape_model(tmp_path):
+    """A shape model (here the 1.5B architecture cut to one layer and a 1024-token vocabulary) goes through both
+    sides' loading: the same LoRA, the same prompt ids from its stand-in tokenizer, and the report says the
+    weights are random. (On a GPU the same command with --device cuda measures the users' model size.)"""
+    out = tmp_path / "trl.json"
+    shape = "shape:qwen2.5-1.5b-instruct?layers=1&vocab=1024"
+    proc = subprocess.run([sys.executable, "tools/bench_trl.py", "--model", shape, "--prompts", "1", "--group", "2",
+                           "--max-new-tokens", "3", "--warmup", "0", "--iterations", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{shape}: shape model: random weights, for measurement only" in proc.stdout
+    s = json.loads(out.read_text())["summary"]
+    assert s["himac"]["trainable_params"] == s["trl"]["trainable_params"] > 0
+    assert s["trl"]["prompt_ids_match"] is True
+    for side in ("himac", "trl"):
+        assert 2 <= s[side]["gen_tokens_per_iteration"] <= 2 * 3
+        assert s[side]["gpu_peak_timed_gib"] is None  # the CPU run has no GPU rows
+    assert "peak GPU allocated" not in proc.stdout
+
+
+def test_bench_trl_names_a_missing_cuda_device(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_trl
+    with pytest.raises(SystemExit):
+        bench_trl.main(["--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err

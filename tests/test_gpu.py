@@ -49,3 +49,25 @@ def test_chunked_log_probs_on_cuda_match_and_peak_lower():
     torch.testing.assert_close(out["chunked"][0], out["plain"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["chunked"][1], out["plain"][1], rtol=1e-2, atol=1e-3)
     assert peaks["chunked"] < 0.4 * peaks["plain"], peaks
+
+
+def test_bench_trl_on_cuda(tmp_path):
+    """tools/bench_trl.py --device cuda on the tiny model: both sides on the GPU in bf16, every part timed after a
+    synchronize, GPU peaks recorded and printed. Skipped where TRL is not installed (carry its wheels)."""
+    pytest.importorskip("trl")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "trl.json"
+    proc = subprocess.run([sys.executable, "tools/bench_trl.py", "--device", "cuda", "--model", "tiny", "--prompts",
+                           "1", "--group", "2", "--max-new-tokens", "4", "--warmup", "1", "--iterations", "1",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out.read_text())["summary"]
+    for side in ("himac", "trl"):
+        x = s[side]
+        assert 0 < x["gpu_loaded_gib"] <= x["gpu_peak_timed_gib"] <= x["gpu_reserved_timed_gib"], side
+        assert x["calls_per_iteration"]["backward"] == 1 and x["split_mean_s"]["generate"] > 0, side
+    assert "**peak GPU allocated, timed iterations, GiB**" in proc.stdout and "CUDA (" in proc.stdout

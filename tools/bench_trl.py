@@ -3,9 +3,16 @@
     python tools/bench_trl.py                                   # SmolLM2-135M (embedded), 2 prompts x group 4
     python tools/bench_trl.py --model tiny --iterations 1       # the tiny test model: a quick check
     python tools/bench_trl.py --prompts 2 --group 4 --max-new-tokens 8 --iterations 3 --json out.json
+    python tools/bench_trl.py --device cuda --model shape:qwen2.5-1.5b-instruct --prompts 8 --group 8
 
-Needs `pip install -e ".[bench]"` (trl). CPU only: both sides run on the CPU with `--threads`
-torch threads (default 1).
+Needs `pip install -e ".[bench]"` (trl). On the CPU (the default) both sides run with `--threads` torch
+threads (default 1), in float32. `--device cuda`: both on the GPU in `--dtype` (default bfloat16; TRL
+with `bf16=True`), every timed part closed by `torch.cuda.synchronize()` so a part's seconds hold its
+kernels, and peak GPU memory (allocated and reserved, reset after the warm-up) beside the RSS. A shape
+model (`shape:NAME`, himac/shapes.py: the users' architectures with random weights, for measurement
+only) goes through both sides' loading as the others do; random weights write noise, so rewards mean
+nothing there and most completions run to `--max-new-tokens` (the generated-tokens row shows both
+sides' lengths).
 
 The task is single-turn: a one-move Sokoban room (`max_solution_moves` 1, `max_steps` 1), the
 flat agent's prompt (the chat template, then the prefilled "Direction:"), and the reward is the
@@ -17,9 +24,9 @@ The rooms are generated once, before either side starts (rejection sampling a on
 takes about 2 s), and both sides' envs read them from that table.
 
 Matched: the model directory (himac's `model_path`: the embedded SmolLM2 dequantised to float32,
-or the tiny model), LoRA (r, alpha, dropout 0, all linear layers; trainable parameter counts are
-compared), float32, no gradient checkpointing; prompts per iteration, group size (TRL's
-`num_generations`), max new tokens, temperature 1.0 with top-k/top-p/repetition penalty off, the
+the tiny model, or a shape), LoRA (r, alpha, dropout 0, all linear layers; trainable parameter
+counts are compared), the dtype (float32 on the CPU, --dtype on CUDA), no gradient checkpointing;
+prompts per iteration, group size (TRL's `num_generations`), max new tokens, temperature 1.0 with top-k/top-p/repetition penalty off, the
 stop set (EOS or any token containing a newline: himac's executor rule, given to TRL through the
 model's generation config), lr, AdamW (weight decay 0, constant lr), gradient clip 1.0, clip
 epsilon 0.2, KL beta (k3 estimator, reference = the adapter switched off on both), one
@@ -118,16 +125,21 @@ class Clock:
     callable into a bucket. With one torch thread the model's work runs on the calling thread, so its CPU
     seconds do not grow when other processes take the cores (wall-clock seconds do)."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        import torch
+        # on a GPU the kernels run behind the Python: wait for them, so that each part holds its own work
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.total: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._open: dict[str, tuple[float, float]] = {}
 
     def start(self, name: str) -> None:
+        self.sync()
         self._open[name] = (time.perf_counter(), time.thread_time())
 
     def stop(self, name: str) -> None:
+        self.sync()
         wall, cpu = self._open.pop(name)
         self.add(name, time.perf_counter() - wall, time.thread_time() - cpu)
 
@@ -145,10 +157,12 @@ class Clock:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             name = no_grad_bucket if no_grad_bucket and not torch.is_grad_enabled() else bucket
+            self.sync()
             tic, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.sync()
                 self.add(name, time.perf_counter() - tic, time.thread_time() - cpu)
         return wrapper
 
@@ -174,7 +188,11 @@ def status_kib(field: str) -> int:
 
 
 def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux); False where the kernel refuses."""
+    """Reset VmHWM to the current RSS (Linux) and CUDA's peak counters; False where the kernel refuses."""
+    import torch
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -183,8 +201,20 @@ def reset_peak() -> bool:
 
 
 def memory_record(rec: dict, peak_reset: bool) -> None:
+    import torch
     rec["peak_timed_gib"] = status_kib("VmHWM") * 1024 / GiB if peak_reset else None
     rec["peak_process_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    if torch.cuda.is_initialized():  # since the reset after the warm-up (TRL resets at its warm-up's step end)
+        rec["gpu_peak_timed_gib"] = torch.cuda.max_memory_allocated() / GiB
+        rec["gpu_reserved_timed_gib"] = torch.cuda.max_memory_reserved() / GiB
+
+
+def loaded_record(rec: dict) -> None:
+    """Memory with the model and LoRA loaded, before the first iteration."""
+    import torch
+    rec["rss_loaded_gib"] = status_kib("VmRSS") * 1024 / GiB
+    if torch.cuda.is_initialized():
+        rec["gpu_loaded_gib"] = torch.cuda.memory_allocated() / GiB
 
 
 def versions() -> dict:
@@ -204,8 +234,8 @@ def himac_config(spec: dict):
     P, G = spec["prompts"], spec["group"]
     return load_config(None, {
         "env": "sokoban", "room_size": spec["room_size"], "max_steps": 1, "min_solution_moves": 1,
-        "max_solution_moves": spec["max_solution_moves"], "model": spec["model"], "device": "cpu",
-        "dtype": "float32", "load_in_4bit": False, "gradient_checkpointing": False, "lora_r": spec["lora_r"],
+        "max_solution_moves": spec["max_solution_moves"], "model": spec["model"], "device": spec["device"],
+        "dtype": spec["dtype"], "load_in_4bit": False, "gradient_checkpointing": False, "lora_r": spec["lora_r"],
         "lora_alpha": spec["lora_alpha"], "lora_dropout": 0.0, "hierarchy": False, "tasks_per_iteration": P,
         "rollouts_per_blueprint": G, "action_max_tokens": spec["max_new_tokens"], "executor_temperature": 1.0,
         "lr": spec["lr"], "kl_beta": spec["beta"], "clip_eps": 0.2, "max_grad_norm": 1.0, "weight_decay": 0.0,
@@ -220,13 +250,13 @@ def run_himac(spec: dict, rec: dict) -> None:
     from himac.rundir import RunDir
     cfg = himac_config(spec)
     assert [cfg.run.task_seeds(t) for t in range(len(spec["seeds"]))] == spec["seeds"], "task seeds differ"
-    clock = Clock()
+    clock = Clock(spec["device"])
     clock.install_torch_hooks()
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         trainer = Trainer(cfg, RunDir(tmp))
         rec["load_s"] = time.perf_counter() - tic
-        rec["rss_loaded_gib"] = status_kib("VmRSS") * 1024 / GiB
+        loaded_record(rec)
         model = trainer.policy.model
         rec["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.generate = clock.timed(model.generate, "generate")
@@ -266,7 +296,7 @@ def run_trl(spec: dict, rec: dict) -> None:
     from himac.executor import ExecutorConfig, build_flat_messages
     from himac.policy import Policy, chat_ids
 
-    clock = Clock()
+    clock = Clock(spec["device"])
     clock.install_torch_hooks()
     log_metrics = profiling.ProfilingContext._log_metrics
 
@@ -278,7 +308,7 @@ def run_trl(spec: dict, rec: dict) -> None:
     P, G, W, N = spec["prompts"], spec["group"], spec["warmup"], spec["iterations"]
     tic = time.perf_counter()
     path = models.model_path(models.ModelConfig(model=spec["model"]))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["dtype"]))
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -323,7 +353,8 @@ def run_trl(spec: dict, rec: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(
-            output_dir=tmp, use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
+            output_dir=tmp, use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", fp16=False,
+            seed=spec["seed"],
             activation_checkpointing=False, gradient_checkpointing=False,  # TRL's default is True; himac's False
             per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
             max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
@@ -338,7 +369,7 @@ def run_trl(spec: dict, rec: dict) -> None:
                               train_dataset=Dataset.from_dict({"prompt": texts, "seed": seeds}),
                               processing_class=tok, peft_config=lora, callbacks=[callback])
         rec["load_s"] = time.perf_counter() - tic
-        rec["rss_loaded_gib"] = status_kib("VmRSS") * 1024 / GiB
+        loaded_record(rec)
         rec["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         rec["checkpointing"] = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
         trainer.model.generate = clock.timed(trainer.model.generate, "generate")
@@ -387,8 +418,9 @@ def summarise(rec: dict, warmup: int) -> dict:
             "reward_mean": _mean([i.get("reward_mean") for i in timed]),
             "trl_profiling_mean_s": {k[4:]: sum(i["total"].get(k, 0.0) for i in timed) / n for k in trl_own},
             **{k: rec.get(k) for k in ("load_s", "rss_imports_gib", "rss_loaded_gib", "peak_timed_gib",
-                                       "peak_process_gib", "trainable_params", "prompt_ids_match", "checkpointing",
-                                       "versions")}}
+                                       "peak_process_gib", "gpu_loaded_gib", "gpu_peak_timed_gib",
+                                       "gpu_reserved_timed_gib", "trainable_params", "prompt_ids_match",
+                                       "checkpointing", "versions")}}
 
 
 def _mean(xs):
@@ -424,12 +456,22 @@ def table(s: dict, n: int, split: str = "cpu") -> str:
               row("**peak RSS, timed iterations, GiB**", h["peak_timed_gib"], t["peak_timed_gib"]),
               row("peak RSS, whole process, GiB", h["peak_process_gib"], t["peak_process_gib"]),
               row("load + set-up s (wall-clock)", h["load_s"], t["load_s"])]
+    if h.get("gpu_peak_timed_gib") is not None:
+        lines += [row("GPU allocated with model + LoRA loaded, GiB", h["gpu_loaded_gib"], t["gpu_loaded_gib"]),
+                  row("**peak GPU allocated, timed iterations, GiB**", h["gpu_peak_timed_gib"],
+                      t["gpu_peak_timed_gib"]),
+                  row("peak GPU reserved, timed iterations, GiB", h["gpu_reserved_timed_gib"],
+                      t["gpu_reserved_timed_gib"])]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="himac model name: smollm2-135m (embedded) or tiny")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="himac model name: smollm2-135m (embedded), tiny, or a shape (shape:qwen2.5-1.5b-instruct)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="both sides' weights (default: float32 on the CPU, bfloat16 on CUDA)")
     ap.add_argument("--prompts", type=int, default=2, help="prompts (rooms) per iteration")
     ap.add_argument("--group", type=int, default=4, help="completions per prompt (GRPO group, TRL num_generations)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
@@ -443,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-solution-moves", type=int, default=1, help="the rooms' optimum: 1 = one-move rooms")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each side's process")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", choices=("cpu", "wall"), default="cpu",
-                    help="the time split in CPU seconds (default: steady on a shared machine) or wall-clock seconds")
+    ap.add_argument("--split", choices=("cpu", "wall"),
+                    help="the time split in CPU seconds (steady on a shared machine; the CPU's default) or wall-clock "
+                         "seconds (CUDA's default: the host thread's CPU time is not the GPU's)")
     ap.add_argument("--json", help="also write both sides' records and the summary here")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -458,10 +501,16 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("trl") is None:
         print("error: TRL is not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.split = args.split or ("wall" if args.device == "cuda" else "cpu")
 
     from envs.seeds import task_seeds
+    from himac import models
     P = args.prompts
-    spec = {"model": args.model, "prompts": P, "group": args.group, "max_new_tokens": args.max_new_tokens,
+    spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompts": P, "group": args.group, "max_new_tokens": args.max_new_tokens,
             "iterations": args.iterations, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "room_size": args.room_size,
             "max_solution_moves": args.max_solution_moves, "threads": args.threads, "seed": args.seed,
@@ -488,9 +537,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_trl: {side} done in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
     summary = {side: summarise(records[side], args.warmup) for side in SIDES}
     v = records["trl"]["versions"]
+    device = (f"CUDA ({torch.cuda.get_device_name(0)})" if args.device == "cuda"
+              else f"CPU, {args.threads} torch thread(s)")
+    if models.is_shape(args.model):
+        print(f"{args.model}: {models.SHAPE_NOTE} (rewards mean nothing; speed and memory are the point)")
     print(f"model {args.model}, {P} prompts x group {args.group}, {args.max_new_tokens} new tokens, "
-          f"LoRA r {args.lora_r} alpha {args.lora_alpha}, beta {args.beta}, lr {args.lr}; CPU, {args.threads} "
-          f"torch thread(s); {args.warmup} warm-up + {args.iterations} timed iterations; "
+          f"LoRA r {args.lora_r} alpha {args.lora_alpha}, beta {args.beta}, lr {args.lr}; {device}, {args.dtype}; "
+          f"{args.warmup} warm-up + {args.iterations} timed iterations; "
           + ", ".join(f"{k} {x}" for k, x in v.items()))
     print(f"trainable LoRA parameters: himac {summary['himac']['trainable_params']:,}, "
           f"TRL {summary['trl']['trainable_params']:,}; prompt token ids equal: {summary['trl']['prompt_ids_match']}")
