@@ -12,13 +12,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 CUT = "shape:qwen2.5-1.5b-instruct?layers=2&vocab=2048"
 
 
-def test_bench_eval_runs_a_shape_model_on_both_backends_with_fixed_lengths(capsys):
+def test_bench_eval_runs_a_shape_model_on_both_backends_with_fixed_lengths(capsys, monkeypatch, tmp_path):
     pytest.importorskip("llama_cpp")
+    import tempfile
+
     import bench_eval
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the bench's exports go
     assert bench_eval.main(["--checkpoint", CUT, "--episodes", "1", "--quants", "f32", "--decode-tokens", "4",
                             "--pp-tokens", "32", "--threads", "1", "--decode-threads", "1,2",
                             "--set", "action_choices=true"]) == 0
     out = capsys.readouterr().out
+    assert not list(tmp_path.glob("himac-bench-*"))  # the exports (GBs at 1.5B) are removed when it ends
     assert "shape model: random weights, for measurement only" in out
     rows: dict[str, list[str]] = {}
     for m in re.finditer(r"^((?:HF transformers|llama\.cpp export) \S+)\s+(.*)$", out, re.M):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -136,8 +137,16 @@ def main(argv=None) -> int:
     if shape:
         print(f"{args.checkpoint}: {models.SHAPE_NOTE}", file=sys.stderr)
 
-    ggufs: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="himac-bench-"))
+    try:  # the exports are GBs at 1.5B (bf16 2.9 GiB): gone when the bench ends, however it ends
+        return measure(args, cfg, shape, named, sweep, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, cfg, shape: bool, named: bool, sweep: list, tmp: Path) -> int:
+    """Export, evaluate on both backends, time prompt processing and decode, print the tables."""
+    ggufs: dict[str, Path] = {}
     if named:
         if not shape:
             ggufs["embedded Q4_1"] = models.embedded_gguf(args.checkpoint)
