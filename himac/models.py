@@ -176,6 +176,16 @@ def model_path(cfg: ModelConfig) -> str:
 
 
 # -- loading -------------------------------------------------------------------
+def _checkpoint_activations(model) -> None:
+    """Gradient (activation) checkpointing, non-reentrant: transformers >= 5.2x names it
+    `activation_checkpointing_enable` and warns that `gradient_checkpointing_enable` goes in v6."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _no_cpu_inference_repacking(model) -> None:
     """Keep bitsandbytes from repacking 4-bit weights for AVX512-BF16 inference.
 
@@ -288,7 +298,7 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
         elif is_vl:  # the (frozen, unquantised) vision tower stays in dtype either way
             _vision_tower(model).to(dtype)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         if cfg.role_adapters:

@@ -141,7 +141,7 @@ def run_update(way: str, args, loaded: dict | None = None) -> dict:
         himac.policy.token_logprobs = token_logprobs
     return {"way": way, "forward_gib": forward_peak / GiB, "peak_gib": (meter.peak()[0] - base) / GiB,
             "s": seconds, "beta": cfg.update.kl_beta, "held_gib": base / GiB,
-            "load_in_4bit": cfg.model.load_in_4bit, "loss": float(loss)}
+            "load_in_4bit": cfg.model.load_in_4bit, "loss": loss.detach().item()}
 
 
 def run_one(way: str, args, loaded: dict | None = None) -> dict:
