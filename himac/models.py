@@ -291,13 +291,13 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer of '{cfg.model}' has no chat template; himac prompts are chats")
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # peft's checkpointing step (non-reentrant: no input-grad hook) is the deprecated call; ours follows
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if not cfg.upcast_unquantised:
             _cast_unquantised(model, dtype)
         elif is_vl:  # the (frozen, unquantised) vision tower stays in dtype either way
             _vision_tower(model).to(dtype)
-    elif cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         _checkpoint_activations(model)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)

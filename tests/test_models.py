@@ -158,14 +158,16 @@ def test_4bit_gradients_are_the_same_after_generation():
         assert torch.allclose(before[n], after[n], atol=1e-5), n
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("on", [True, False])
-def test_gradient_checkpointing_is_switched_by_the_config_through_the_current_api(on):
-    """`gradient_checkpointing: true` checkpoints every decoder layer (false: none), through
-    `activation_checkpointing_enable` where transformers has it: no deprecation warning from the old name."""
+def test_gradient_checkpointing_is_switched_by_the_config_through_the_current_api(on, four_bit):
+    """`gradient_checkpointing: true` checkpoints every decoder layer (false: none), with and without NF4,
+    through `activation_checkpointing_enable` where transformers has it: no deprecation warning from the old
+    name (peft's k-bit preparation calls it when asked to checkpoint, so himac does it after)."""
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, _ = models.load(ModelConfig(model="tiny", load_in_4bit=False, gradient_checkpointing=on))
+        model, _ = models.load(ModelConfig(model="tiny", load_in_4bit=four_bit, gradient_checkpointing=on))
     layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
     assert all(layer.gradient_checkpointing is on for layer in layers)
     assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
