@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -26,10 +26,10 @@ takes about 2 s), and both sides' envs read them from that table.
 Matched: the model directory (himac's `model_path`: the embedded SmolLM2 dequantised to float32,
 the tiny model, or a shape), LoRA (r, alpha, dropout 0, all linear layers; trainable parameter
 counts are compared), the dtype (float32 on the CPU, --dtype on CUDA), no gradient checkpointing;
-prompts per iteration, group size (TRL's `num_generations`), max new tokens, temperature 1.0 with top-k/top-p/repetition penalty off, the
-stop set (EOS or any token containing a newline: himac's executor rule, given to TRL through the
-model's generation config), lr, AdamW (weight decay 0, constant lr), gradient clip 1.0, clip
-epsilon 0.2, KL beta (k3 estimator, reference = the adapter switched off on both), one
+prompts per iteration, group size (TRL's `num_generations`), max new tokens, temperature 1.0 with
+top-k/top-p/repetition penalty off, the stop set (EOS or any token containing a newline: himac's
+executor rule, given to TRL through the model's generation config), lr, AdamW (weight decay 0,
+constant lr), gradient clip 1.0, clip epsilon 0.2, KL beta (k3 estimator, reference = the adapter switched off on both), one
 optimiser step per iteration (TRL: `num_iterations` 1, no gradient accumulation, so both take
 pi_old as the detached current log-probs), and the loss aggregation (TRL `loss_type: grpo` = the
 token mean of each completion, then the mean over completions = himac's `loss_aggregation:
@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     from envs.seeds import task_seeds
     from himac import models
     P = args.prompts
-    spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompts": P, "group": args.group, "max_new_tokens": args.max_new_tokens,
+    spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompts": P, "group": args.group,
+            "max_new_tokens": args.max_new_tokens,
             "iterations": args.iterations, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
             "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "room_size": args.room_size,
             "max_solution_moves": args.max_solution_moves, "threads": args.threads, "seed": args.seed,
