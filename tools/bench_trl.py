@@ -29,8 +29,8 @@ counts are compared), the dtype (float32 on the CPU, --dtype on CUDA), no gradie
 prompts per iteration, group size (TRL's `num_generations`), max new tokens, temperature 1.0 with
 top-k/top-p/repetition penalty off, the stop set (EOS or any token containing a newline: himac's
 executor rule, given to TRL through the model's generation config), lr, AdamW (weight decay 0,
-constant lr), gradient clip 1.0, clip epsilon 0.2, KL beta (k3 estimator, reference = the adapter switched off on both), one
-optimiser step per iteration (TRL: `num_iterations` 1, no gradient accumulation, so both take
+constant lr), gradient clip 1.0, clip epsilon 0.2, KL beta (k3 estimator, reference = the adapter
+switched off on both), one optimiser step per iteration (TRL: `num_iterations` 1, no gradient accumulation, so both take
 pi_old as the detached current log-probs), and the loss aggregation (TRL `loss_type: grpo` = the
 token mean of each completion, then the mean over completions = himac's `loss_aggregation:
 sample` when each sample is one turn). Prompt token ids are checked equal. What still differs is
