@@ -35,6 +35,7 @@ upcasts every unquantised weight to float32.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 import warnings
@@ -180,7 +181,7 @@ def _checkpoint_activations(model) -> None:
     """Gradient (activation) checkpointing, non-reentrant: transformers >= 5.2x names it
     `activation_checkpointing_enable` and warns that `gradient_checkpointing_enable` goes in v6."""
     enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
