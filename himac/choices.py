@@ -88,4 +88,3 @@ def keep_mask(shape: tuple[int, int, int], allowed_sets: list[list[list[int]] | 
             keep[i, t] = False
             keep[i, t, ok] = True
     return keep
-
