@@ -143,6 +143,33 @@ def test_two_ranks_take_the_update_of_one_process(tmp_path):
         assert two[0][0].keys() == one[0].keys() and one[1]["steps"] >= 1 and one[1]["grad_norm"] > 0
 
 
+def _close_worker(rank: int, port: int, out: str) -> None:
+    """A rank as coevolve runs it: join, load a model through transformers, leave; is the group freed?"""
+    import weakref
+    import torch.distributed as dist
+    from himac import models
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init()
+    models.load(models.ModelConfig(model="tiny", load_in_4bit=False))  # from_pretrained imports torch.distributed.nn
+    group = weakref.ref(dist.group.WORLD)
+    distributed.close()
+    Path(f"{out}.{rank}").write_text(str(group() is None))
+
+
+def test_leaving_the_group_frees_it(tmp_path):
+    """Nothing keeps the process group alive after close(), so gloo's worker threads end there and not in
+    interpreter shutdown, where one of them aborted a finished 2-rank run (SIGABRT, ~1 run in 30)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_close_worker, args=(port, str(tmp_path / "out")), nprocs=2)
+    assert [(tmp_path / f"out.{r}").read_text() for r in range(2)] == ["True", "True"]
+
+
 # -- the loop, as a user runs it ------------------------------------------------------------
 def coevolve(*args, ranks=1, env=None, check=True):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
