@@ -9,7 +9,6 @@
   evaluation and samples; resumed on 1 process, equal adapter weights; a rank killed in a
   resumed 2-rank run stops it with a message, a non-zero exit and a readable checkpoint.
 """
-import datetime
 import json
 import math
 import os
@@ -117,21 +116,34 @@ def _updates(rank: int, world: int) -> list:
     return out
 
 
-def _update_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    """Join a gloo group of `world` ranks the way coevolve does (himac.distributed.init, as under torchrun)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HIMAC_DIST_BACKEND="gloo")
+    distributed.TIMEOUT_S = 60  # a rank left waiting fails the test
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails the test
+    distributed.init()
+
+
+def _update_worker(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port)
     try:
         torch.save(_updates(rank, world), f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        distributed.close()
 
 
 @pytest.mark.slow
 def test_two_ranks_take_the_update_of_one_process(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_update_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_update_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
     alone = _updates(0, 1)
     for (case, *_), one, *two in zip(CASES, alone, *ranks):
@@ -148,10 +160,7 @@ def _close_worker(rank: int, port: int, out: str) -> None:
     import weakref
     import torch.distributed as dist
     from himac import models
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    distributed.init()
+    _join(rank, 2, port)
     models.load(models.ModelConfig(model="tiny", load_in_4bit=False))  # from_pretrained imports torch.distributed.nn
     group = weakref.ref(dist.group.WORLD)
     distributed.close()
@@ -161,12 +170,8 @@ def _close_worker(rank: int, port: int, out: str) -> None:
 def test_leaving_the_group_frees_it(tmp_path):
     """Nothing keeps the process group alive after close(), so gloo's worker threads end there and not in
     interpreter shutdown, where one of them aborted a finished 2-rank run (SIGABRT, ~1 run in 30)."""
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_close_worker, args=(port, str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_close_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2)
     assert [(tmp_path / f"out.{r}").read_text() for r in range(2)] == ["True", "True"]
 
 
