@@ -4,6 +4,8 @@
   step 1 process takes on all of them (plain SGD, so every gradient's size shows), for each
   loss aggregation, mini-batch splits that leave a rank without rows, the norm clip and
   skip_zero_advantage;
+- leaving: after a model load through transformers, close() frees the process group (no gloo
+  thread left for interpreter shutdown, where one aborted finished runs);
 - the loop as a user runs it: `torchrun --nproc_per_node 2 -m himac.coevolve` against
   `python -m himac.coevolve` on the same seed and tasks (sampling: keyed): equal metrics,
   evaluation and samples; resumed on 1 process, equal adapter weights; a rank killed in a
