@@ -271,6 +271,30 @@ def test_quantised_exports_load_and_stay_close(runs, exported, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the f16 intermediate of q4_k_m is gone
 
 
+def test_quantised_exports_attend_only_to_their_own_sequence(runs, exported, tmp_path):
+    """A non-f32 GGUF runs with flash attention (an f32 one without: its exact path); prompts prefilled
+    beside other cached sequences, some borrowing their prefixes, get the logits each has alone."""
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    path, _, tok = exported["qwen2"]
+    assert LlamaCppPolicy(path, n_ctx=1024).flash_attn is False
+    lc = LlamaCppPolicy(export.export_run(runs["qwen2"], tmp_path / "bf16.gguf", "bf16", progress=False),
+                        n_ctx=2048, n_seq=4)
+    assert lc.flash_attn is True
+    plan, act, done = chat_prompts(tok)
+    long = act + tok.encode(" left right" * 40, add_special_tokens=False)
+    alone = {}
+    for prompt in (plan, act, done, long):
+        lc.clear_cache()
+        alone[tuple(prompt)] = lc.logits(prompt)
+    lc.clear_cache()
+    for prompts in ([plan, act], [done, long, plan]):  # the 2nd call borrows the 1st's prefixes
+        for prompt, row in zip(prompts, lc.prefill(prompts)):
+            # measured: 0 to 2e-3 (f16 rounding, another split of the prefix); attending to another
+            # sequence's tokens moves these logits (std 0.15) by 0.05-0.4
+            assert abs(row - alone[tuple(prompt)]).max() < 1e-2
+
+
 @pytest.mark.parametrize("fam", ["qwen2", "llama"])
 def test_lora_gguf_on_the_base_equals_the_merged_model(runs, exported, fam, tmp_path):
     pytest.importorskip("llama_cpp")
