@@ -285,7 +285,9 @@ class _Slots:
         self.current, out = [], []
         for prompt in prompts:
             self.clock += 1
-            seq = max(free, key=lambda s: (_shared(self.cached[s], prompt), self.last_used[s]))
+            # the slot sharing most with the prompt; among equals the least recently used (empty ones first),
+            # whose cached tail is the least likely to be wanted again
+            seq = max(free, key=lambda s: (_shared(self.cached[s], prompt), -self.last_used[s]))
             free.discard(seq)
             keep = _shared(self.cached[seq], prompt)
             donor = max(range(len(self.cached)), key=lambda s: _shared(self.cached[s], prompt))

@@ -233,6 +233,20 @@ def test_one_prefill_of_many_prompts_equals_transformers(exported):
     assert lc._slots.evaluated < sum(len(p) for c in calls for p in c)  # the cached prefixes were reused
 
 
+def test_a_new_prompt_takes_a_free_slot_before_a_cached_one(exported):
+    """A prompt that shares nothing with any cached sequence goes to an empty slot (the least recently used
+    among equals), not over the sequence cached last: that one is still whole for its next prompt."""
+    pytest.importorskip("llama_cpp")
+    from himac.llamacpp import LlamaCppPolicy
+    lc = LlamaCppPolicy(exported["qwen2"][0], n_ctx=1024, n_seq=2)
+    a, b = [5, 6, 7, 8, 9] * 4, [11, 12, 13] * 4  # no common first token
+    lc.prefill([a])
+    lc.prefill([b])
+    before = lc._slots.evaluated
+    lc.prefill([a])
+    assert lc._slots.evaluated - before == 1  # only its last token (for its logits): the rest was still cached
+
+
 def test_4bit_run_exports_the_weights_it_was_trained_on(tmp_path):
     """base="trained": a QLoRA run is merged into its NF4-dequantised weights, so llama.cpp
     computes what the training policy (NF4 base + LoRA) computed."""
