@@ -16,12 +16,16 @@ A role_adapters run (one LoRA per role) exports as its base GGUF plus each role'
 `role_loras` loads both and `role(name)` applies one, dropping the cached prefixes, which
 were computed under the other adapter.
 
-How it runs (llama.cpp's low-level API, one context with `n_seq` KV sequences):
+How it runs (llama.cpp's low-level API, one context with `n_seq` KV sequences, each in
+its own stream of cells):
 - each prompt of a batch gets a sequence ("slot") whose cached tokens share the
   longest prefix with it, and only the rest is evaluated. A prompt may also borrow a
-  longer prefix from another slot (llama_memory_seq_cp shares the cells, no copy):
-  an episode's next executor prompt starts where its previous one did (system
-  prompt, task, sub-goal), and a fresh episode borrows the common system prompt;
+  longer prefix from another slot (llama_memory_seq_cp copies that slot's stream, the
+  tail past the prefix is dropped): an episode's next executor prompt starts where its
+  previous one did (system prompt, task, sub-goal), and a fresh episode borrows the
+  common system prompt;
+- a stream holds 512 tokens at first and doubles, up to `n_ctx`, when a batch needs
+  more (the context is rebuilt and the cache starts empty): memory follows the prompts;
 - prompts are prefilled one after another, then decoded together: one llama_decode
   per step holds the next token of every unfinished sequence, so the weights are
   read once per step for the whole batch, as HF's batched generate does.
@@ -44,14 +48,12 @@ class LlamaCppPolicy:
 
     def __init__(self, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 0, lora_path: str | Path | None = None, n_seq: int = 16,
-                 role_loras: dict[str, str | Path] | None = None, flash_attn: bool | None = None):
-        """`n_ctx`: the longest prompt + completion; the KV cache holds 2 * n_ctx cells shared by
-        `n_seq` sequences (prompts per decode batch), least recently used ones evicted when full.
+                 role_loras: dict[str, str | Path] | None = None):
+        """`n_ctx`: the longest prompt + completion; each of the `n_seq` sequences (prompts per decode
+        batch) has a KV stream of 512 cells, grown up to n_ctx when a batch needs it.
         `lora_path`: a LoRA adapter GGUF (export.write_lora_gguf) applied on top of the model.
         `role_loras`: {'planner': GGUF, 'executor': GGUF}, a role_adapters run's adapters
-        (export.role_lora_paths): `role(name)` applies that role's, the executor's otherwise.
-        `flash_attn`: None picks it by the weights: off for an f32 GGUF (the exact path), on otherwise
-        (see _Slots)."""
+        (export.role_lora_paths): `role(name)` applies that role's, the executor's otherwise."""
         if role_loras is not None and (lora_path is not None or set(role_loras) != {"planner", "executor"}):
             raise ValueError(f"role_loras {sorted(role_loras)}: give exactly 'planner' and 'executor', "
                              "and no lora_path beside them")
@@ -70,9 +72,7 @@ class LlamaCppPolicy:
         self.llm = Llama(model_path=str(model_path), n_ctx=256, n_batch=256, n_threads=threads, seed=seed,
                          verbose=False, lora_path=str(lora_path) if lora_path else None)
         self.n_ctx, self.n_seq = n_ctx, n_seq
-        exact = self.llm.metadata.get("general.file_type") == "0"  # all weights f32
-        self.flash_attn = (not exact) if flash_attn is None else bool(flash_attn)
-        self._slots = _Slots(self.llm, n_ctx, n_seq, threads, self.flash_attn)
+        self._slots = _Slots(self.llm, n_seq, threads, min(n_ctx, 512))
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
@@ -159,14 +159,16 @@ class LlamaCppPolicy:
     # -- the engine, for benchmarks and tests -----------------------------------------
     def logits(self, prompt: list[int]) -> np.ndarray:
         """float32 next-token logits after `prompt`, (V,)."""
-        return self._slots.prefill([prompt])[0]
+        return self.prefill([prompt])[0]
 
     def clear_cache(self) -> None:
         """Forget every cached prefix: the next prompts are evaluated from scratch."""
         self._slots.clear()
 
-    def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
-        """Evaluate a batch of prompts (reusing cached prefixes); each prompt's last logits, (V,)."""
+    def prefill(self, prompts: list[list[int]], room: int = 0) -> list[np.ndarray]:
+        """Evaluate a batch of prompts (reusing cached prefixes); each prompt's last logits, (V,).
+        `room`: how many tokens decode_step will still add to each."""
+        self._fit(max(len(p) for p in prompts) + room)
         return self._slots.prefill(prompts)
 
     def decode_step(self, tokens: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -184,11 +186,7 @@ class LlamaCppPolicy:
         for start in range(0, len(prompts), self.n_seq):
             chunk = prompts[start:start + self.n_seq]
             cands = (choices or [None] * len(prompts))[start:start + self.n_seq]
-            for p in chunk:
-                if len(p) + max_new_tokens > self.n_ctx:
-                    raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new ones exceeds "
-                                     f"n_ctx={self.n_ctx}")
-            logits = self._slots.prefill(chunk)  # [(V,)] per prompt
+            logits = self.prefill(chunk, room=max_new_tokens)  # [(V,)] per prompt
             ids: list[list[int]] = [[] for _ in chunk]
             live = list(range(len(chunk)))
             while live:
@@ -208,6 +206,16 @@ class LlamaCppPolicy:
         self.evaluated_tokens = self._slots.evaluated
         return out
 
+    def _fit(self, n: int) -> None:
+        """Make each sequence's stream hold n tokens (doubling it up to n_ctx; that empties the cache)."""
+        if n > self.n_ctx:
+            raise ValueError(f"a prompt + its new tokens need {n} tokens, more than n_ctx={self.n_ctx}")
+        size = self._slots.size
+        while size < n:
+            size *= 2
+        if size > self._slots.size:
+            self._slots.rebuild(min(size, self.n_ctx))
+
     def _pick(self, logits: np.ndarray, temperature: float, allowed: list[int] | None = None) -> int:
         if allowed:  # answers picked from choices: the softmax over what may follow (himac/choices.py)
             keep = np.full(logits.shape, -np.inf, dtype=np.float64)
@@ -221,47 +229,62 @@ class LlamaCppPolicy:
 
 
 class _Slots:
-    """`n_seq` KV-cache sequences in one llama.cpp context, each remembering the tokens it holds.
+    """`n_seq` KV-cache sequences in one llama.cpp context, each in its own stream of `size` cells and
+    remembering the tokens it holds.
 
     prefill(prompts) puts prompt i of a batch in batch slot i's sequence (chosen per call
     by longest shared prefix) and returns each prompt's last logits; step(tokens) then
     appends one token to each named batch slot in a single decode.
+
+    Why a stream per sequence, not one pool of cells all sequences share (llama.cpp's kv_unified,
+    where a borrowed prefix costs no copy): in a shared pool every token attends over the pool's
+    cells up to the last in use, the other sequences' masked out, so a prefill slows as a batch's
+    other sequences fill it (1.5B q4_0, 227 new tokens: 200 tok/s alone, 122 beside 15 cached
+    sequences of 250). Flash attention skips masked cells (191 tok/s) but rounds to f16 (SmolLM2's
+    f32 logits 1e-2 off transformers' instead of 3e-5). A stream per sequence attends over its own
+    cells only and stays exact; a borrowed prefix then costs a copy of the donor's stream
+    (a few MB, milliseconds).
     """
 
-    def __init__(self, llm, n_ctx: int, n_seq: int, threads: int, flash_attn: bool):
+    def __init__(self, llm, n_seq: int, threads: int, size: int):
         import llama_cpp as L
-        self.L, self.llm = L, llm
-        cp = L.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx * 2, 512, 512, n_seq
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = True  # one cell pool: sequences that share a prefix share its cells
-        # Attention in one cell pool: without flash attention each token attends over the pool's cells up
-        # to the last in use, other sequences' too (masked), so a prefill slows as the batch's other
-        # sequences fill the pool (1.5B q4_0, 227 new tokens: 200 tok/s alone, 122 beside 15 sequences of
-        # 250; with flash attention 204 and 191). Flash attention skips masked cells but rounds to f16:
-        # SmolLM2's f32 logits 1e-2 off transformers' instead of 3e-5, while bf16 and 4/8-bit weights are
-        # 0.1-0.8 off already. So an f32 model keeps the exact path (and an f32 KV cache), the others speed.
-        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if llm.metadata.get("general.file_type") == "0":  # an f32 model keeps an f32 KV cache (f16 by default)
-            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        self.ctx = L.llama_init_from_model(llm._model.model, cp)
-        if self.ctx is None:
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx * 2} tokens x {n_seq} sequences")
-        adapter = getattr(llm, "_lora_adapter", None)
-        if adapter is not None:  # the Llama object loaded it; apply it to this context as well
-            self.set_lora(adapter, llm.lora_scale)
-        self.mem = L.llama_get_memory(self.ctx)
+        self.L, self.llm, self.n_seq, self.threads = L, llm, n_seq, threads
+        self.ctx = None
+        adapter = getattr(llm, "_lora_adapter", None)  # the Llama object loaded it; apply it here as well
+        self.adapter = (adapter, llm.lora_scale) if adapter is not None else None
         self.batch = L.llama_batch_init(512, 0, 1)
         self.n_vocab = llm.n_vocab()
-        self.cached: list[list[int]] = [[] for _ in range(n_seq)]  # tokens held by each sequence
-        self.last_used = [0] * n_seq
+        self.evaluated = 0
+        self.rebuild(size)
+
+    def rebuild(self, size: int) -> None:
+        """A fresh context whose streams hold `size` tokens each (every cached sequence is dropped)."""
+        L = self.L
+        if self.ctx is not None:
+            L.llama_free(self.ctx)
+            self.ctx = None
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = size * self.n_seq, 512, 512, self.n_seq
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.kv_unified = False  # a stream per sequence (see the class docstring)
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # exact; no faster with a stream each
+        if self.llm.metadata.get("general.file_type") == "0":  # an f32 model keeps an f32 KV cache (f16 by default)
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+        self.ctx = L.llama_init_from_model(self.llm._model.model, cp)
+        if self.ctx is None:
+            raise RuntimeError(f"llama.cpp could not create a context of {self.n_seq} sequences x {size} tokens")
+        if self.adapter is not None:
+            self.set_lora(*self.adapter)
+        self.mem = L.llama_get_memory(self.ctx)
+        self.size = L.llama_n_ctx_seq(self.ctx)  # llama.cpp may round it up
+        self.cached: list[list[int]] = [[] for _ in range(self.n_seq)]  # tokens held by each sequence
+        self.last_used = [0] * self.n_seq
         self.clock = 0
         self.current: list[int] = []  # batch slot -> sequence id, for step()
-        self.evaluated = 0
 
-    def __del__(self):
+    def __del__(self, _finalizing=sys.is_finalizing):
         L = getattr(self, "L", None)
-        if sys.is_finalizing():  # the interpreter is tearing llama_cpp's bindings down; the OS frees the rest
+        if _finalizing():  # the interpreter is tearing llama_cpp's bindings down; the OS frees the rest
             return
         if L is not None and getattr(self, "ctx", None) is not None:
             L.llama_batch_free(self.batch)
@@ -269,8 +292,9 @@ class _Slots:
             self.ctx = None
 
     def set_lora(self, adapter, scale: float) -> None:
-        """Apply this one LoRA adapter (in place of any other) to the context."""
+        """Apply this one LoRA adapter (in place of any other) to the context, and to any rebuilt one."""
         import ctypes
+        self.adapter = (adapter, scale)
         adapters = (self.L.llama_adapter_lora_p_ctypes * 1)(adapter)
         if self.L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
             raise RuntimeError("llama.cpp could not apply the LoRA adapter")
@@ -292,10 +316,10 @@ class _Slots:
             keep = _shared(self.cached[seq], prompt)
             donor = max(range(len(self.cached)), key=lambda s: _shared(self.cached[s], prompt))
             borrow = _shared(self.cached[donor], prompt)
-            self.L.llama_memory_seq_rm(self.mem, seq, 0 if borrow > keep else keep, -1)
-            if borrow > keep:  # share the donor's cells for the longer prefix
-                self.L.llama_memory_seq_cp(self.mem, donor, seq, 0, borrow)
+            if borrow > keep:  # the donor's longer prefix: its stream is copied whole (llama.cpp copies no part)
+                self.L.llama_memory_seq_cp(self.mem, donor, seq, -1, -1)
                 keep = borrow
+            self.L.llama_memory_seq_rm(self.mem, seq, keep, -1)
             self.cached[seq] = list(prompt[:keep])
             self.last_used[seq] = self.clock
             self.current.append(seq)
@@ -329,20 +353,10 @@ class _Slots:
         return self._logits(-1)
 
     def _decode(self, n: int) -> None:
-        while True:
-            rc = self.L.llama_decode(self.ctx, self.batch)
-            if rc != 1:
-                break
-            # 1: no room in the KV cache. Drop the least recently used sequence outside this batch.
-            idle = [s for s in range(len(self.cached)) if s not in self.current and self.cached[s]]
-            if not idle:
-                break
-            victim = min(idle, key=lambda s: self.last_used[s])
-            self.L.llama_memory_seq_rm(self.mem, victim, 0, -1)
-            self.cached[victim] = []
+        rc = self.L.llama_decode(self.ctx, self.batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}: the batch does not fit the KV cache "
-                               "(raise n_ctx or lower n_seq)")
+            raise RuntimeError(f"llama_decode failed with code {rc}"
+                               + (f": a sequence outgrew its stream of {self.size} tokens" if rc == 1 else ""))
         self.evaluated += n
 
     def _logits(self, i: int) -> np.ndarray:
