@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default="f32", help="llamacpp on a run directory: precision of the GGUF it is "
                     f"exported to first ({', '.join(export.QUANTS)})")
     ap.add_argument("--threads", type=int, help="CPU threads of either backend (default: all cores)")
-    ap.add_argument("--n-ctx", type=int, default=4096, help="llama.cpp context length")
+    ap.add_argument("--n-ctx", type=int, default=4096,
+                    help="llama.cpp: the longest prompt + answer (each sequence's KV stream grows up to it as needed)")
     ap.add_argument("--out", help="write the report (metrics and every episode) as JSON here")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable)")

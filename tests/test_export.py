@@ -328,6 +328,10 @@ def test_streams_grow_for_a_long_prompt_and_keep_the_adapter(runs, exported, tmp
         ref = model(input_ids=torch.tensor([long])).logits[0, -1].float()  # (V,), adapter active
     got = with_lora.logits(long)
     assert with_lora._slots.size == 1024
+    merged.prefill([act], room=700 - len(act))  # room for decode_step: the streams grow before it, not during
+    assert merged._slots.size == 1024
+    for _ in range(700 - len(act)):
+        merged.decode_step([(0, 7)])
     torch.testing.assert_close(torch.from_numpy(merged.logits(long)), ref, rtol=0, atol=5e-4)
     assert abs(got - merged.logits(long)).max() < 1e-3  # the adapter survived the rebuild
     with pytest.raises(ValueError, match="n_ctx=1024"):

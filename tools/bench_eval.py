@@ -100,7 +100,7 @@ def prefill_speed(policy: LlamaCppPolicy, n: int, repeats: int = 3, beside: int 
 
 def decode_speed(policy: LlamaCppPolicy, prompt: list[int], n: int) -> float:
     """Single-stream decode tokens/s: greedy one-token steps (one sequence) after the prompt is cached."""
-    token = int(np.argmax(policy.prefill([prompt])[0]))  # the engine itself: generate() would stop at an EOS
+    token = int(np.argmax(policy.prefill([prompt], room=n)[0]))  # the engine: generate() would stop at an EOS
     tic = time.perf_counter()
     for _ in range(n):
         token = int(np.argmax(policy.decode_step([(0, token)])[0]))
