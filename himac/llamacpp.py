@@ -311,11 +311,11 @@ class _Slots:
             self.clock += 1
             # the slot sharing most with the prompt; among equals the least recently used (empty ones first),
             # whose cached tail is the least likely to be wanted again
-            seq = max(free, key=lambda s: (_shared(self.cached[s], prompt), -self.last_used[s]))
+            shared = [_shared(cached, prompt) for cached in self.cached]
+            seq = max(free, key=lambda s: (shared[s], -self.last_used[s]))
             free.discard(seq)
-            keep = _shared(self.cached[seq], prompt)
-            donor = max(range(len(self.cached)), key=lambda s: _shared(self.cached[s], prompt))
-            borrow = _shared(self.cached[donor], prompt)
+            donor = max(range(len(shared)), key=shared.__getitem__)
+            keep, borrow = shared[seq], shared[donor]
             if borrow > keep:  # the donor's longer prefix: its stream is copied whole (llama.cpp copies no part)
                 self.L.llama_memory_seq_cp(self.mem, donor, seq, -1, -1)
                 keep = borrow
