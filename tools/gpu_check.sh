@@ -15,6 +15,17 @@
 #    8 tasks, 512-token blueprints: the generation batch and the longest update rows of the real
 #    setting; executor actions shortened to 32 tokens and 2 steps to fit the time);
 # then one table: the card (torch.cuda.get_device_name), seconds, peak allocated and reserved.
+#
+# Two more steps, not in the 8 minutes, run when named in GPU_CHECK_STEPS (space-separated; default
+# "gpu-tests lm-1.5b logp-1.5b vl-3b", the four above):
+#   mem-1.5b  tools/bench_memory.py on the 1.5B shape at configs/sokoban_1p5b.yaml's own batches (NF4, 8 tasks,
+#             G = M = 8, micro-batch 16, 512-token blueprints; actions cut to 32 tokens and 2 steps, as for
+#             VL-3B): the README's measured 1.5B row, per phase (about 2.5 minutes on an H200);
+#   trl-1.5b  tools/bench_trl.py --device cuda on the 1.5B shape (8 prompts x group 8, 32 new tokens, 3 timed
+#             iterations): himac's flat GRPO iteration beside TRL's GRPOTrainer, seconds and GPU memory.
+#             Needs trl; a bare image lacks it: carry trl, datasets, dill and multiprocess wheels in .whl/
+#             (1.8 MB, installed --no-deps; the image has their other needs).
+# e.g. GPU_CHECK_STEPS="logp-1.5b mem-1.5b trl-1.5b" bash tools/gpu_check.sh: what is left once the check has run.
 # Shape models (himac/shapes.py) are the exact architectures with random weights, written once
 # into $HIMAC_CACHE (1.5B: 3.1 GB, VL-3B: 7.5 GB): shape model: random weights, for measurement only.
 # Random weights never say <|im_end|>, so every generation runs to its token limit: the worst case.
@@ -40,6 +51,12 @@ PY=${PYTHON:-python}
 OUT=${GPU_CHECK_OUT:-$(mktemp -d -t himac-gpu-check-XXXXXX)}
 WHEELS=${HIMAC_WHEELS:-.whl}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+STEPS=${GPU_CHECK_STEPS:-gpu-tests lm-1.5b logp-1.5b vl-3b}
+KNOWN="gpu-tests lm-1.5b logp-1.5b vl-3b mem-1.5b trl-1.5b"
+for s in $STEPS; do
+  case " $KNOWN " in *" $s "*) ;; *) echo "gpu_check: unknown step '$s' in GPU_CHECK_STEPS (known: $KNOWN)" >&2; exit 2;; esac
+done
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 START=$(date +%s)
 echo "gpu_check: logs and results in $OUT"
@@ -63,6 +80,12 @@ if [ -n "$MISSING" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   done
   MISSING=$(missing)
 fi
+if want trl-1.5b && ! "$PY" -c "import trl" >/dev/null 2>&1 && ls "$WHEELS"/trl-*.whl >/dev/null 2>&1; then
+  echo "gpu_check: trl is not installed; installing trl, datasets, dill, multiprocess from $WHEELS/, offline, --no-deps"
+  "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" trl datasets dill multiprocess >>"$OUT/pip.log" 2>&1 \
+    || echo "gpu_check: trl: no usable wheels in $WHEELS/ (see $OUT/pip.log)"
+fi
+want trl-1.5b && ! "$PY" -c "import trl" >/dev/null 2>&1 && MISSING="${MISSING:+$MISSING }trl"
 has() { case " $MISSING " in *" $1 "*) return 1;; *) return 0;; esac; }
 [ -n "$MISSING" ] && echo "gpu_check: still missing: $MISSING"
 if ! has gym-sokoban; then
@@ -78,6 +101,8 @@ if [ "$CUDA" = 1 ]; then
           --set blueprint_max_tokens=64 --set action_max_tokens=32 --set max_steps=2 --set subgoal_step_limit=2"
   VL_SET="--set tasks_per_iteration=8 --set blueprint_max_tokens=512 --set action_max_tokens=32
           --set max_steps=2 --set subgoal_step_limit=2"
+  MEM_SET=$VL_SET  # the 1.5B config's own G, M, micro-batch and generation batch; the same cuts
+  TRL_SET="--device cuda --prompts 8 --group 8 --max-new-tokens 32 --iterations 3"
 else
   CARD="no CUDA device: CPU fall-back ($(nproc) cores), one-layer shapes, tiny settings: checks the script, not a card"
   SHAPE_LM="shape:qwen2.5-1.5b-instruct?layers=1&vocab=1024"
@@ -87,6 +112,8 @@ else
         --set subgoal_step_limit=1 --set micro_batch_size=4 --set gen_batch_size=8"
   LM_SET=$TINY
   VL_SET=$TINY
+  MEM_SET=$TINY
+  TRL_SET="--prompts 1 --group 2 --max-new-tokens 2 --warmup 0 --iterations 1"
 fi
 echo "gpu_check: $CARD"
 COMMON="--set iterations=1 --set eval_episodes=0"
@@ -104,13 +131,15 @@ step() {  # step NAME HOW -- command...: run it under a time limit, log it, reco
 }
 skip() { printf '%s\t%s\t-\t-\n' "$1" "skipped: $2" >>"$OUT/steps.tsv"; echo "gpu_check: $1 skipped: $2"; }
 
-if has pytest; then
+if ! want gpu-tests; then :
+elif has pytest; then
   step gpu-tests "pytest -m gpu" -- "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/test_*.py)
 else
   skip gpu-tests "pytest missing"
 fi
 
 for nf4 in false true; do
+  want lm-1.5b || break
   name=lm-1.5b-$([ $nf4 = true ] && echo nf4 || echo bf16)
   if [ $nf4 = true ] && ! has bitsandbytes; then skip "$name" "bitsandbytes missing"; continue; fi
   if has matplotlib; then
@@ -126,22 +155,37 @@ done
 # longest rows (16 x 1024 prompt + 512 completion tokens); seconds on a GPU (the shape is cached by now)
 LP_NF4=""; has bitsandbytes || LP_NF4="--no-nf4"
 if [ "$CUDA" = 1 ]; then LP_SET="--rows 16 --prompt 1024 --completion 512"; else LP_SET="--rows 2 --prompt 8 --completion 4"; fi
-step logp-1.5b "bench_logprobs" -- "$PY" tools/bench_logprobs.py --update "$SHAPE_LM" $LP_SET $LP_NF4 --json "$OUT/logp.json"
+want logp-1.5b && step logp-1.5b "bench_logprobs" -- "$PY" tools/bench_logprobs.py --update "$SHAPE_LM" $LP_SET \
+  $LP_NF4 --json "$OUT/logp.json"
 
-VL_NF4=true; has bitsandbytes || VL_NF4=false
-step vl-3b-$([ $VL_NF4 = true ] && echo nf4 || echo bf16) "bench_memory" -- "$PY" tools/bench_memory.py \
-  configs/sokoban_3b.yaml --model "$SHAPE_VL" --set load_in_4bit=$VL_NF4 --json "$OUT/vl-3b.json" $COMMON $VL_SET
+NF4=true; has bitsandbytes || NF4=false
+TAG=$([ $NF4 = true ] && echo nf4 || echo bf16)
+want vl-3b && step vl-3b-$TAG "bench_memory" -- "$PY" tools/bench_memory.py \
+  configs/sokoban_3b.yaml --model "$SHAPE_VL" --set load_in_4bit=$NF4 --json "$OUT/vl-3b.json" $COMMON $VL_SET
+
+# the extras (GPU_CHECK_STEPS): the 1.5B config at its own batches, and the bench beside TRL
+want mem-1.5b && step mem-1.5b-$TAG "bench_memory" -- "$PY" tools/bench_memory.py \
+  configs/sokoban_1p5b.yaml --model "$SHAPE_LM" --set load_in_4bit=$NF4 --json "$OUT/mem-1.5b.json" $COMMON $MEM_SET
+if ! want trl-1.5b; then :
+elif has trl; then
+  step trl-1.5b "bench_trl" -- "$PY" tools/bench_trl.py --model "$SHAPE_LM" $TRL_SET --split wall --json "$OUT/trl.json"
+else
+  skip trl-1.5b "trl missing (carry trl, datasets, dill, multiprocess wheels in $WHEELS/)"
+fi
 
 # -- one table -------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
-"$PY" - "$OUT" "$CARD" "$SHAPE_LM" "$SHAPE_VL" "$TOTAL" "$CUDA" <<'EOF'
+"$PY" - "$OUT" "$CARD" "$SHAPE_LM" "$SHAPE_VL" "$TOTAL" "$CUDA" "$STEPS" <<'EOF'
 import json, re, sys
 from pathlib import Path
 out, card, lm, vl, total, cuda = Path(sys.argv[1]), *sys.argv[2:5], int(sys.argv[5]), sys.argv[6] == "1"
+steps = sys.argv[7].split()
 mem = "allocated" if cuda else "resident (RSS)"
 print(f"\n## himac GPU check: {card}\n")
 print("shape model: random weights, for measurement only")
-print(f"1.5B: {lm}; VL-3B: {vl}; total {total} s (target: under 480 s)\n")
+default = steps == ["gpu-tests", "lm-1.5b", "logp-1.5b", "vl-3b"]
+print(f"1.5B: {lm}; VL-3B: {vl}; total {total} s" + (" (target: under 480 s)" if default else
+                                                      f" (steps: {' '.join(steps)})") + "\n")
 print(f"| step | how | result | step s | iteration s | peak {mem} GiB | peak reserved GiB |")
 print("|---|---|---|---|---|---|---|")
 bad = 0
@@ -155,12 +199,21 @@ for line in (out / "steps.tsv").read_text().splitlines():
     if name == "gpu-tests" and log.is_file():
         tail = log.read_text().strip().splitlines()
         result += f": {tail[-1].strip('= ')}" if tail else ""
-    js = out / ("vl-3b.json" if name.startswith("vl-3b") else f"{name}.json")
+    js = out / next((f"{k}.json" for k in ("vl-3b", "mem-1.5b") if name.startswith(k)), f"{name}.json")
     if name == "logp-1.5b" and rc == "0" and (out / "logp.json").is_file():  # bench_logprobs: chunked's peak
         lp = {r["way"]: r for r in json.loads((out / "logp.json").read_text())["rows"]}
         was = "out of memory" if lp["plain"].get("oom") else f"{lp['plain']['peak_gib']:.2f} GiB over the loaded model"
         result += f" (plain {was}, chunked {lp['chunked']['peak_gib']:.2f})"
         peak = f"{lp['chunked']['held_gib'] + lp['chunked']['peak_gib']:.2f}"
+    elif name == "trl-1.5b" and rc == "0" and (out / "trl.json").is_file():  # bench_trl: both sides
+        h, t = (json.loads((out / "trl.json").read_text())["summary"][k] for k in ("himac", "trl"))
+        hs, ts = h["s_per_iteration_median"], t["s_per_iteration_median"]
+        key = "gpu_peak_timed_gib" if cuda else "peak_process_gib"  # on the CPU: the whole process
+        gib = lambda x: "?" if x is None else f"{x:.2f}"
+        result += (f" (s / iteration: himac {hs:.2f}, TRL {ts:.2f}, {hs / ts:.2f}x; peak {mem} GiB: "
+                   f"himac {gib(h.get(key))}, TRL {gib(t.get(key))})")
+        it, peak = f"{hs:.2f}", gib(h.get(key))
+        reserved = gib(h.get("gpu_reserved_timed_gib")) if cuda else ""
     elif rc == "0" and js.is_file():  # bench_memory's rows
         r = json.loads(js.read_text())
         phases = r["phases"]
@@ -174,10 +227,12 @@ for line in (out / "steps.tsv").read_text().splitlines():
         m = re.search(r"peak memory ([\d.]+) GiB RSS(?:, ([\d.]+) GiB CUDA allocated)?", log.read_text())
         peak = (m.group(2) if cuda else m.group(1)) or "" if m else ""
     print(f"| {name} | {how} | {result} | {secs} | {it} | {peak} | {reserved} |")
-js = out / "vl-3b.json"
-if js.is_file():
+for stem, label in (("vl-3b", "VL-3B shape at sokoban_3b.yaml"), ("mem-1.5b", "1.5B shape at sokoban_1p5b.yaml's batches")):
+    js = out / f"{stem}.json"
+    if not js.is_file():
+        continue
     r = json.loads(js.read_text())
-    print(f"\nVL-3B shape per phase ({r['device']}, load_in_4bit {r['load_in_4bit']}, {r['dtype']}; "
+    print(f"\n{label}, per phase ({r['device']}, load_in_4bit {r['load_in_4bit']}, {r['dtype']}; "
           f"weights {r['weights_gib']:.2f} GiB, LoRA {r['lora_gib']:.3f} GiB):\n")
     print(f"| phase | peak {mem} GiB | peak reserved GiB | s |\n|---|---|---|---|")
     fmt = lambda x: "" if x is None else f"{x:.2f}"
