@@ -114,6 +114,43 @@ def plans(flat_bp: list, z_star: dict) -> dict:
             "micro/tasks": len(z_star)}
 
 
+def hierarchical_iteration(t: int, g: dict, spec, B: int, scored: bool, rule: dict) -> dict:
+    """One HiMAC iteration's row, from every rank's values `g` (coevolve.iteration); `B`: tasks per iteration,
+    `rule`: micro/rule_agreement when the env has a reading rule."""
+    m_macro, m_micro, timings = g["m_macro"], g["m_micro"], g["timings"]
+    if scored:
+        macro = blueprints(g["flat_bp"], g["returns"], g["adv_a"], g["greedy"], g["success"], g["z_star"])
+    else:  # no greedy scores to report: the headline success is Phase B's, as in a flat iteration
+        macro = {**plans(g["flat_bp"], g["z_star"]),
+                 "success_rate": mean(tr.success for tr in g["sampled"]),
+                 "macro/return_mean": mean(tr.ret for tr in g["sampled"])}
+    return {"iteration": t, **macro, "macro/scored": float(scored),
+            "macro/zero_var_groups": g["silent_a"] / B,
+            **trajectories("micro", g["sampled"], g["adv_b"], hierarchy=True),
+            "micro/zero_var_groups": g["silent_b"] / max(len(g["z_star"]), 1),
+            **actions("micro", [s.move for tr in g["sampled"] for s in tr.steps], spec.actions), **rule,
+            **env(g["greedy"] + g["sampled"], ENDS), **env_report(spec, g["sampled"]),
+            **update("macro", m_macro), **update("micro", m_micro),
+            **timing(timings, timings.get("generate_s", 0.0) + timings.get("plan_generate_s", 0.0),
+                     timings.get("generated_tokens", 0.0) + sum(len(z.completion_ids) for z in g["flat_bp"]),
+                     m_macro.get("update_s", 0.0) + m_micro.get("update_s", 0.0))}
+
+
+def flat_iteration(t: int, g: dict, spec, B: int, rule: dict) -> dict:
+    """One flat-baseline iteration's row (the 'w/o hierarchy' agent): the same names as HiMAC's where they mean
+    the same; no macro/ beyond the return the progress bar and plot show."""
+    sampled, m_update, timings = g["sampled"], g["m_update"], g["timings"]
+    return {"iteration": t, "success_rate": mean(tr.success for tr in sampled),
+            "macro/return_mean": mean(tr.ret for tr in sampled),  # the progress bar's and plot's "return"
+            **trajectories("micro", sampled, g["adv"], hierarchy=False),
+            "micro/zero_var_groups": g["silent"] / B,
+            **actions("micro", [s.move for tr in sampled for s in tr.steps], spec.actions), **rule,
+            **env(sampled, FLAT_ENDS), **env_report(spec, sampled),
+            **update("micro", m_update),
+            **timing(timings, timings.get("generate_s", 0.0), timings.get("generated_tokens", 0.0),
+                     m_update.get("update_s", 0.0))}
+
+
 # -- several data-parallel ranks ---------------------------------------------------------
 def light(piece: dict) -> dict:
     """A rank's iteration values without what metrics never read (prompt ids, images), for gathering.

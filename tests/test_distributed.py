@@ -247,7 +247,7 @@ def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_run_and_keeps_the_checkpoint(runs, tmp_path):
-    from himac.coevolve import check_adapter
+    from himac.launch import check_adapter
     from himac.rundir import RunDir, read_trainer_state
     _, two = runs
     run = tmp_path / "killed"

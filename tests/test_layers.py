@@ -23,7 +23,7 @@ LAYERS = [  # bottom first
     ("roles and update", ["himac/update.py", "himac/planner.py", "himac/executor.py"]),
     ("experiment", ["himac/experiment.py", "himac/metrics.py", "himac/rundir.py", "himac/plots.py",
                     "himac/reporting.py", "himac/quiet.py"]),
-    ("loop and evaluation", ["himac/evaluation.py", "himac/coevolve.py"]),
+    ("loop and evaluation", ["himac/evaluation.py", "himac/loop.py", "himac/launch.py", "himac/coevolve.py"]),
     ("export", ["himac/export.py", "himac/deploy.py", "himac/evaluate.py"]),
     ("tools", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py"))),
 ]

@@ -104,8 +104,9 @@ def compare(ref: tuple[dict, dict], got: tuple[dict, dict]) -> str:
 def nan_trial(kind: str, tmp: Path, config: str) -> str:
     """'' if the run handled the fault as it should, else what went wrong."""
     from himac import update
-    from himac.coevolve import TrainingError, Trainer
+    from himac.coevolve import Trainer
     from himac.experiment import load_config
+    from himac.loop import TrainingError
     torch.set_num_threads(1)
     cfg = load_config(config, {**FAST, "eval_episodes": 0, "iterations": 5})
     run = RunDir(tmp / kind)
