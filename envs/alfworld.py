@@ -26,7 +26,7 @@ Episode:
   the episode unwon;
 - invalid commands are counted (info["invalid"], info["invalid_commands"]) and
   cost a step. Two kinds: text that is no command at all (parse_action gives
-  None; the executor adds its `invalid_action_penalty`), and a command-shaped
+  None; the executor adds its INVALID_PENALTY), and a command-shaped
   answer that is not admissible now (the env adds `invalid_command_penalty`,
   same size by default, and leaves the game untouched, as the engine would:
   it answers "Nothing happens.").
@@ -54,8 +54,9 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from envs.base import EnvSpec, Obs, Prompts, SerialPool, absent, check
+from envs.base import EnvSpec, Obs, Prompts, Range, SerialPool, absent, validate
 from envs.cache import atomic_dir, cache_dir
 from envs.seeds import eval_seeds
 
@@ -84,35 +85,31 @@ class DataError(FileNotFoundError):
 @dataclass
 class AlfworldConfig:
     data_path: str = ""
-    """Folder holding json_2.1.1/ (as alfworld-download makes it), that folder, or a .tar.gz of it; '' reads $ALFWORLD_DATA."""
+    """(infra) Folder holding json_2.1.1/ (as alfworld-download makes it), that folder, or a .tar.gz of it; ''
+    reads $ALFWORLD_DATA."""
     eval_data_path: str = ""
-    """The same for the evaluation split ('': data_path)."""
+    """(infra) The same for the evaluation split ('': data_path)."""
     train_split: str = "train"
-    """Split trained on (a folder under json_2.1.1)."""
+    """(paper) Split trained on (a folder under json_2.1.1)."""
     eval_split: str = "valid_seen"
-    """Held-out split evaluated on: valid_seen (paper's in-distribution) or valid_unseen."""
-    task_types: list[str] = field(default_factory=list)
-    """Keep only games of these types (pick, look, clean, heat, cool, pick2); empty: all six."""
-    max_steps: int = 50
-    """Episode horizon in env steps (ALFWorld's usual 50)."""
+    """(paper) Held-out split evaluated on: valid_seen (paper's in-distribution) or valid_unseen."""
+    task_types: list[Literal["pick", "look", "clean", "heat", "cool", "pick2"]] = field(default_factory=list)
+    """(infra) Keep only games of these types (pick, look, clean, heat, cool, pick2); empty: all six."""
+    max_steps: Annotated[int, Range(ge=1)] = 50
+    """(paper) Episode horizon in env steps (ALFWorld's usual 50)."""
     success_reward: float = 10.0
-    """Reward on the step that completes the task (no other reward)."""
+    """(paper) Reward on the step that completes the task (no other reward)."""
     invalid_command_penalty: float = -0.1
-    """Reward of a command-shaped answer that is not admissible now (it changes nothing)."""
-    num_workers: int = 2
-    """Env worker processes stepping games in parallel (0: step them in the trainer's process)."""
-    env_timeout_s: float = 120.0
-    """A worker silent this long per game it holds is killed and its episodes fail."""
-    engine_cache: int = 32
-    """Loaded games kept per process for reuse (a few MB each); 0: load every episode afresh."""
+    """(paper) Reward of a command-shaped answer that is not admissible now (it changes nothing)."""
+    num_workers: Annotated[int, Range(ge=0)] = 2
+    """(infra) Env worker processes stepping games in parallel (0: step them in the trainer's process)."""
+    env_timeout_s: Annotated[float, Range(gt=0)] = 120.0
+    """(infra) A worker silent this long per game it holds is killed and its episodes fail."""
+    engine_cache: Annotated[int, Range(ge=0)] = 32
+    """(infra) Loaded games kept per process for reuse (a few MB each); 0: load every episode afresh."""
 
     def __post_init__(self):
-        bad = [t for t in self.task_types if t not in TASK_TYPES.values()]
-        check(not bad, "task_types", self.task_types, f"{bad} unknown; use {list(TASK_TYPES.values())}")
-        check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
-        check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
-        check(self.env_timeout_s > 0, "env_timeout_s", self.env_timeout_s, "must be > 0")
-        check(self.engine_cache >= 0, "engine_cache", self.engine_cache, "must be >= 0")
+        validate(self)
 
 
 # -- data ----------------------------------------------------------------------------------

@@ -17,13 +17,18 @@ in a step's info (facts known only as it ends, e.g. a score). Evaluation copies 
 into each episode record; `EnvSpec.report` turns a list of records into the env's own
 summary numbers (also reported for training episodes, as `env/<name>`).
 
-`ConfigError` and `check` live here, at the bottom, because the env config
-dataclasses raise them as himac's own configs do (himac.config re-exports them).
-This package imports nothing of himac.
+`ConfigError`, `check`, `Range` and `validate` live here, at the bottom, because the
+env config dataclasses use them as himac's own configs do (himac.config re-exports
+them). A config field's bounds and choices are its type: `Annotated[int, Range(ge=1)]`,
+`Literal["text", "image"]`; `validate(self)` in `__post_init__` checks them all,
+naming the key. This package imports nothing of himac.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -38,6 +43,54 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
     """Raise ConfigError for `key` unless `ok`; used by the config dataclasses' __post_init__."""
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number field's bounds, given as its type: `lr: Annotated[float, Range(gt=0)] = 1e-5`."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def why(self, value: float) -> str | None:
+        """What `value` breaks ('must be >= 1', 'must be in (0, 1)'), or None inside the bounds (NaN never is)."""
+        if ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)):
+            return None
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else ""
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else ""
+        if lo and hi:
+            return f"must be in {lo}, {hi}"
+        if lo:
+            return f"must be {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+        return f"must be {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def validate(obj: Any) -> None:
+    """Check every field of config dataclass `obj` against the bounds (Range) and choices (Literal, also of a
+    list's items) its type names; ConfigError names the first key that breaks them. Each config's
+    __post_init__ calls it."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        rules = getattr(hint, "__metadata__", ())
+        for rule in rules:
+            if isinstance(rule, Range) and value is not None:
+                why = rule.why(value)
+                check(why is None, f.name, value, why or "")
+        base = typing.get_args(hint)[0] if rules else hint
+        items = value if typing.get_origin(base) is list else [value]
+        if typing.get_origin(base) is list:
+            base = typing.get_args(base)[0]
+        if typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            bad = [v for v in items if v not in choices]
+            check(not bad, f.name, value, f"{bad[0]!r} is not one of " + ", ".join(map(repr, choices)) if bad else "")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-POOL_SALT = 10**9  # keeps pool seeds apart from per-iteration seeds (no run has 10**9 iterations)
 EVAL_STREAM = 7_777_777  # salt that keeps evaluation seeds apart from training seeds
 VALIDATION_OFFSET = 1_000_000  # eval_seeds(n, VALIDATION_OFFSET): the validation range
 
@@ -25,14 +24,8 @@ def _draw(key: list[int]) -> int:
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
-def task_seeds(seed: int, iteration: int, batch: int, pool: int = 0) -> list[int]:
-    """Env seeds of an iteration's `batch` training tasks: reproducible, and apart from eval seeds.
-
-    `pool` = N > 0: a fixed training set of N tasks, the iteration taking the next `batch`
-    of them cyclically; 0: fresh tasks every iteration.
-    """
-    if pool:
-        return [_draw([seed, POOL_SALT, (iteration * batch + b) % pool]) for b in range(batch)]
+def task_seeds(seed: int, iteration: int, batch: int) -> list[int]:
+    """Env seeds of an iteration's `batch` training tasks: reproducible, and apart from eval seeds."""
     return [_draw([seed, iteration, b]) for b in range(batch)]
 
 

@@ -28,17 +28,17 @@ always gives the same room and nothing else's randomness is disturbed.
 from __future__ import annotations
 
 import functools
-import math
 import importlib.util
 import random
 import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 
-from envs.base import EnvSpec, Obs, Prompts, check
+from envs.base import EnvSpec, Obs, Prompts, Range, check, validate
 
 WALL, FLOOR, TARGET, BOX_ON, BOX, PLAYER = 0, 1, 2, 3, 4, 5  # gym-sokoban's cell codes
 ACTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -46,7 +46,6 @@ GYM_ACTION = {"up": 1, "down": 2, "left": 3, "right": 4}  # gym-sokoban's push a
 STEP_PENALTY, BOX_ON_REWARD, BOX_OFF_PENALTY, SOLVED_REWARD = -0.1, 1.0, -1.0, 10.0
 SYMBOLS = {WALL: "#", FLOOR: "_", TARGET: ".", BOX_ON: "*", BOX: "$", PLAYER: "@"}
 PLAYER_ON_TARGET = "+"
-OBSERVATIONS = ("text", "image", "both", "text+coords")
 # With `observation: image` the map is a frame; its tiles (gym-sokoban's) in words:
 IMAGE_ONLY_TEXT = ("(shown in the image: brick walls, black floor, targets outlined in red, boxes are yellow "
                    "crates, a box on a target has a red frame, the player is the green figure)")
@@ -88,38 +87,33 @@ def render_rgb(room_fixed: np.ndarray, room_state: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SokobanConfig:
-    room_size: int = 6
-    """Rooms are room_size x room_size cells, walls included (paper: 6)."""
-    num_boxes: int = 1
-    """Boxes (and targets) per room (paper: 1)."""
-    max_steps: int = 15
-    """Episode horizon in env steps (paper §4.1: 15)."""
-    min_solution_moves: int = 1
-    """Reject rooms whose optimal solution is shorter: a minimum-difficulty filter."""
-    max_solution_moves: int = 0
-    """Reject rooms whose optimal solution is longer (0: no limit)."""
-    generation_steps: int = 0
-    """Random-walk steps of the room generator (0: gym-sokoban's 1.7 * (w + h))."""
-    observation: str = "text"
-    """What the policy sees: 'text' (the ASCII map), 'image' (an RGB frame; needs a VL model), 'both', or
-    'text+coords' (the map plus where each box and target lies relative to the player, in words)."""
-    shaping: float = 0.0
-    """Potential-based reward shaping (Ng, Harada & Russell 1999), off at 0 (the paper's reward): every step
-    adds shaping * (phi(s') - phi(s)), phi = -(each box's grid distance to its nearest target) - (the
-    player's distance to the nearest box off target, minus 1). Over an episode the added rewards sum to
+    room_size: Annotated[int, Range(ge=4, le=16)] = 6
+    """(paper) Rooms are room_size x room_size cells, walls included (paper: 6)."""
+    num_boxes: Annotated[int, Range(ge=1)] = 1
+    """(paper) Boxes (and targets) per room (paper: 1)."""
+    max_steps: Annotated[int, Range(ge=1)] = 15
+    """(paper) Episode horizon in env steps (paper §4.1: 15)."""
+    min_solution_moves: Annotated[int, Range(ge=1)] = 1
+    """(departure) Reject rooms whose optimal solution is shorter: a minimum-difficulty filter."""
+    max_solution_moves: Annotated[int, Range(ge=0)] = 0
+    """(departure) Reject rooms whose optimal solution is longer (0: no limit): rooms a 135M model can win
+    within the CPU's budget."""
+    observation: Literal["text", "image", "both", "text+coords"] = "text"
+    """(paper) What the policy sees: 'text' (the ASCII map), 'image' (an RGB frame; needs a VL model),
+    'both', or 'text+coords' (a departure: the map plus where each box and target lies relative to the
+    player, in words)."""
+    shaping: Annotated[float, Range(ge=0)] = 0.0
+    """(departure) Potential-based reward shaping (Ng, Harada & Russell 1999), off at 0 (the paper's reward):
+    every step adds shaping * (phi(s') - phi(s)), phi = -(each box's grid distance to its nearest target) -
+    (the player's distance to the nearest box off target, minus 1). Over an episode the added rewards sum to
     shaping * (phi(end) - phi(start)) (nothing to farm by walking in circles, and the same optimal policy
     when episodes end solved); each step toward the box is paid at once instead of only through the final
     +10. Success is still the env's."""
 
     def __post_init__(self):
-        check(4 <= self.room_size <= 16, "room_size", self.room_size, "must be in 4..16")
-        check(self.num_boxes >= 1, "num_boxes", self.num_boxes, "must be >= 1")
-        check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
-        check(self.min_solution_moves >= 1, "min_solution_moves", self.min_solution_moves, "must be >= 1")
+        validate(self)
         check(self.max_solution_moves == 0 or self.max_solution_moves >= self.min_solution_moves,
               "max_solution_moves", self.max_solution_moves, "must be 0 or >= min_solution_moves")
-        check(self.observation in OBSERVATIONS, "observation", self.observation, f"must be one of {OBSERVATIONS}")
-        check(math.isfinite(self.shaping) and self.shaping >= 0, "shaping", self.shaping, "must be >= 0")
 
 
 def parse_action(text: str) -> tuple[str | None, bool]:
@@ -380,7 +374,7 @@ def generate(cfg: SokobanConfig, seed: int, max_tries: int = 1000) -> tuple[np.n
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
-        steps = cfg.generation_steps or int(1.7 * 2 * cfg.room_size)
+        steps = int(1.7 * 2 * cfg.room_size)  # gym-sokoban's own random-walk length
         for _ in range(max_tries):
             try:
                 fixed, state, _ = room_utils.generate_room(

@@ -38,14 +38,14 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from envs.base import ConfigError, EnvSpec, Obs, Prompts, SerialPool, check
+from envs.base import ConfigError, EnvSpec, Obs, Prompts, Range, SerialPool, validate
 from envs.seeds import eval_seeds
 from envs.webshop_data import PAGE_SIZE, data_root, load_catalogue, require_webshop
 from envs.webshop_reward import reward as purchase_reward
 
 TASK_TYPES = ("beauty", "electronics", "fashion", "garden", "grocery")  # the products' `category`
-REWARDS = ("success", "score")
 SEP = " [SEP] "
 BACK, PREV, NEXT, BUY = "Back to Search", "< Prev", "Next >", "Buy Now"
 SUB_PAGES = ("Description", "Features", "Reviews")
@@ -56,27 +56,25 @@ _ACTION = re.compile(r"\b(search|click)\s*\[(.*?)\]", re.IGNORECASE)
 @dataclass
 class WebshopConfig:
     data_path: str = ""
-    """Folder with products_1000.json + items_ins_v2_1000.json + title_nouns.json, or a WebShop data/ folder
-    (items_shuffle_1000.json + items_ins_v2_1000.json); '' reads $WEBSHOP_DATA."""
-    max_steps: int = 15
-    """Episode horizon in env steps (verl-agent's WebShop: 15)."""
-    reward: str = "success"
-    """RL reward on Buy Now: 'success' (success_reward when the purchase scores 1.0, as verl-agent) or 'score'
-    (the purchase's score in [0, 1])."""
+    """(infra) Folder with products_1000.json + items_ins_v2_1000.json + title_nouns.json, or a WebShop data/
+    folder (items_shuffle_1000.json + items_ins_v2_1000.json); '' reads $WEBSHOP_DATA."""
+    max_steps: Annotated[int, Range(ge=1)] = 15
+    """(paper) Episode horizon in env steps (paper §4.1: 15)."""
+    reward: Literal["success", "score"] = "success"
+    """(paper) RL reward on Buy Now: 'success' (success_reward when the purchase scores 1.0, as verl-agent) or
+    'score' (the purchase's score in [0, 1])."""
     success_reward: float = 10.0
-    """Reward for a purchase scoring 1.0 when reward is 'success'."""
+    """(paper) Reward for a purchase scoring 1.0 when reward is 'success'."""
     invalid_command_penalty: float = -0.1
-    """Reward of a well-formed action that is not available on the page (it changes nothing)."""
-    test_goals: int = 500
-    """The first this many goals of the shuffled list are held out for evaluation; the rest train."""
-    max_field_chars: int = 0
-    """Cut each title, description and bullet point shown to this many characters (0: whole, as the original)."""
+    """(paper) Reward of a well-formed action that is not available on the page (it changes nothing)."""
+    test_goals: Annotated[int, Range(ge=1)] = 500
+    """(paper) The first this many goals of the shuffled list are held out for evaluation; the rest train."""
+    max_field_chars: Annotated[int, Range(ge=0)] = 0
+    """(departure) Cut each title, description and bullet point shown to this many characters (0: whole, as
+    the original): a 135M model's prompt budget."""
 
     def __post_init__(self):
-        check(self.reward in REWARDS, "reward", self.reward, f"use one of {list(REWARDS)}")
-        check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
-        check(self.test_goals >= 1, "test_goals", self.test_goals, "must be >= 1")
-        check(self.max_field_chars >= 0, "max_field_chars", self.max_field_chars, "must be >= 0")
+        validate(self)
 
 
 def parse_action(text: str) -> tuple[str | None, bool]:

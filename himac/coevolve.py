@@ -126,7 +126,7 @@ def phase_a(tr: TrainingLoop, t: int, seeds: list[int], timings: dict, phase) ->
                                subgoal_check=spec.subgoal_check)  # lines 5-7, no grad
     rollout = [greedy[unique[(z.task, tuple(z.subgoals))]] if z.valid else None for z in flat_bp]
     paid = cfg.executor.subgoal_reward  # the executor's pay for following is not the blueprint's worth
-    returns = torch.tensor([r.ret - paid * r.followed if r else cfg.planner.blueprint_fail_penalty
+    returns = torch.tensor([r.ret - paid * r.followed if r else cfg.executor.halt_penalty
                             for r in rollout])  # (B*G,)
     crashed = [bool(r and r.end == "env_error") for r in rollout]
     ok = [i for i in range(B * G) if not crashed[i]]

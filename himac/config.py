@@ -7,7 +7,14 @@ to exactly one of them. This module is generic: it knows nothing about HiMAC,
 only how to route flat keys to sections and check their types, so each default
 lives in exactly one place (the dataclass field).
 
-Unknown keys, wrong types and bad values raise `ConfigError` naming the key.
+Unknown keys, wrong types and bad values raise `ConfigError` naming the key. A field's
+bounds and choices are its type (`Annotated[int, Range(ge=1)]`, `Literal[...]`), checked by
+`validate` (envs/base.py) in each dataclass's __post_init__.
+
+Every key says what kind it is, as the first word of its docstring: `(paper)` one of
+the paper's hyper-parameters or switches, `(departure)` a departure from the paper that
+a shipped config uses, with its measured reason in docs/results.md, or `(infra)`
+infrastructure (device, budget, logging, data). `--keys` prints them.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from envs.base import ConfigError, check  # noqa: F401 - defined at the bottom layer, re-exported here
+from envs.base import ConfigError, Range, check, validate  # noqa: F401 - defined at the bottom layer, re-exported
 
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -33,6 +40,8 @@ _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Return `value` checked against the type `hint`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:  # the type of its choices; which values are allowed, validate() says
+        return _coerce(key, value, type(typing.get_args(hint)[0]))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -50,7 +59,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a list of {item.__name__}")
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -146,6 +155,10 @@ def to_flat(sections: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+KINDS = ("paper", "departure", "infra")
+_KIND = re.compile(r"\((" + "|".join(KINDS) + r")\)\s*")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each dataclass field (the convention in this codebase)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -157,12 +170,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def field_kind(doc: str) -> tuple[str, str]:
+    """('paper' | 'departure' | 'infra' | '', the rest of the docstring) of a field's docstring."""
+    m = _KIND.match(doc)
+    return (m.group(1), doc[m.end():]) if m else ("", doc)
+
+
 def describe(sections: dict[str, type]) -> str:
-    """A markdown table of every key: section, name, default, meaning."""
-    rows = ["| key | section | default | meaning |", "|---|---|---|---|"]
+    """A markdown table of every key: name, section, kind, default, meaning."""
+    rows = ["| key | section | kind | default | meaning |", "|---|---|---|---|---|"]
     for name, cls in sections.items():
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(f"| `{f.name}` | {name} | `{default!r}` | {docs.get(f.name, '')} |")
+            kind, doc = field_kind(docs.get(f.name, ""))
+            rows.append(f"| `{f.name}` | {name} | {kind} | `{default!r}` | {doc} |")
     return "\n".join(rows)

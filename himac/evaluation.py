@@ -52,7 +52,7 @@ def evaluate_agent(policy: AgentPolicy, spec: EnvSpec, pool, seeds: list[int], p
         t = by_task.get(i)
         episodes.append({
             "seed": seed, "task_type": types[i], "blueprint": blueprints[i].text, "valid_blueprint": blueprints[i].valid,
-            "success": bool(t and t.success), "return": t.ret if t else pcfg.blueprint_fail_penalty,
+            "success": bool(t and t.success), "return": t.ret if t else ecfg.halt_penalty,
             "env_steps": t.env_steps if t else 0, "end": t.end if t else "invalid_blueprint",
             "actions": [s.text.strip() for s in t.steps] if t else [], "moves": [s.move for s in t.steps] if t else [],
             **infos[i], **(t.episode if t else {})})

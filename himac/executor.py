@@ -11,8 +11,8 @@ or `<sub_done>`, which advances k <- k + 1 without touching the env. An episode
 ends when:
 - the env reports success ("solved") or its step budget runs out ("max_steps");
 - `<sub_done>` is given for the last sub-goal while the task is unsolved
-  ("plan_exhausted"): penalised with `plan_exhausted_penalty` (by default
-  `halt_penalty`), since ending early must not beat playing on and failing;
+  ("plan_exhausted"): penalised with `halt_penalty`, since ending early must not
+  beat playing on and failing;
 - T_limit (`subgoal_step_limit`) env steps pass in one segment without
   `<sub_done>`: halted with `halt_penalty` ("subgoal_step_limit"), as the paper does.
   With `subgoal_overrun: advance` (a departure) the segment ends instead and the
@@ -34,13 +34,12 @@ Same function names, in the same order, as planner.py.
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
-from envs.base import Obs, Prompts
+from envs.base import Obs, Prompts, Range, validate
 from himac import choices, vision
 from himac.policy import Policy, as_role
 from himac.update import ACTION, Row
@@ -48,60 +47,49 @@ from himac.update import ACTION, Row
 SUB_DONE = "<sub_done>"
 INVALID = "(invalid)"
 SUB_DONE_RULE = f" If the sub-goal is already achieved, answer {SUB_DONE}."
+INVALID_PENALTY = -0.1  # added, on top of the env's own step cost, for an answer that is no action at all
 
 
 @dataclass
 class ExecutorConfig:
-    rollouts_per_blueprint: int = 8
-    """M: trajectories sampled under z* per task in Phase B (paper: 8)."""
-    subgoal_step_limit: int = 5
-    """T_limit: env steps allowed in one sub-goal segment."""
-    action_max_tokens: int = 16
-    """Generation budget of one executor turn; it also stops at a newline."""
-    executor_temperature: float = 1.0
-    """Sampling temperature of Phase B rollouts (Phase A rollouts are greedy)."""
+    rollouts_per_blueprint: Annotated[int, Range(ge=1)] = 8
+    """(paper) M: trajectories sampled under z* per task in Phase B (paper: 8)."""
+    subgoal_step_limit: Annotated[int, Range(ge=1)] = 5
+    """(paper) T_limit: env steps allowed in one sub-goal segment."""
+    action_max_tokens: Annotated[int, Range(ge=1)] = 16
+    """(paper) Generation budget of one executor turn (the paper's response length: 512); it also stops at a
+    newline."""
+    executor_temperature: Annotated[float, Range(gt=0)] = 1.0
+    """(paper) Sampling temperature of Phase B rollouts (Phase A's rollouts are greedy by design)."""
     failure_keywords: list[str] = field(default_factory=list)
-    """Case-insensitive strings that halt the episode when the answer or observation has one."""
+    """(paper) Case-insensitive strings that halt the episode when the answer or observation has one."""
     halt_penalty: float = -1.0
-    """Added to the return when T_limit or a failure keyword halts the episode."""
-    plan_exhausted_penalty: float | None = None
-    """Added to the return when <sub_done> on the last sub-goal ends an unsolved episode (None: halt_penalty;
-    0: free, which makes quitting at once the best way to fail)."""
-    invalid_action_penalty: float = -0.1
-    """Added (on top of the env's step cost) for an answer that is no valid action."""
-    history_window: int = 4
-    """Most recent steps of the current segment shown to the executor."""
-    max_prompt_tokens: int = 0
-    """Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit, then the
+    """(paper) Added to the return when T_limit or a failure keyword halts the episode, or <sub_done> on the
+    last sub-goal ends it unsolved (ending early must not beat playing on and failing); also the return of an
+    unparseable blueprint, which is not executed."""
+    history_window: Annotated[int, Range(ge=0)] = 4
+    """(paper) Most recent steps of the current segment shown to the executor."""
+    max_prompt_tokens: Annotated[int, Range(ge=0)] = 0
+    """(paper) Prompt budget (paper: 1024 for Sokoban); the oldest segment steps are dropped to fit, then the
     active sub-goal's text is cut. 0: none."""
     sub_done: bool = True
-    """False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
+    """(paper) False: the 'w/o <sub_done>' ablation, a fixed T_limit steps per sub-goal."""
     subgoal_reward: float = 0.0
-    """Added to a step that did what the active sub-goal says, as the env judges it (EnvSpec.subgoal_check;
-    Sokoban: the player moved the way the sub-goal names). 0: none, the paper (the executor earns the task's
-    reward only). A departure, classic hierarchical RL's intrinsic reward: an executor paid for following its sub-goal
-    follows even a plan it cannot yet see is right, so the planner's blueprints decide the outcome and
-    Phase A's scores tell good plans from bad ones."""
-    subgoal_overrun: str = "halt"
-    """A segment that reaches T_limit without <sub_done>: 'halt' the episode with halt_penalty (the paper), or
-    'advance' to the next sub-goal (halting only when the last one runs over)."""
+    """(departure) Added to a step that did what the active sub-goal says, as the env judges it
+    (EnvSpec.subgoal_check; Sokoban: the player moved the way the sub-goal names). 0: none, the paper (the
+    executor earns the task's reward only). Classic hierarchical RL's intrinsic reward: an executor paid for
+    following its sub-goal follows even a plan it cannot yet see is right, so the planner's blueprints decide
+    the outcome and Phase A's scores tell good plans from bad ones."""
+    subgoal_overrun: Literal["halt", "advance"] = "halt"
+    """(departure) A segment that reaches T_limit without <sub_done>: 'halt' the episode with halt_penalty (the
+    paper), or 'advance' to the next sub-goal (halting only when the last one runs over)."""
     action_choices: bool = False
-    """True (a departure): each answer is decoded under a constraint to one of the turn's candidates, the env's
-    actions (Obs.admissible) and <sub_done>, and trained under the same restriction
-    (himac/choices.py). False: free text parsed by the env, as in the paper."""
+    """(departure) True: each answer is decoded under a constraint to one of the turn's candidates, the env's
+    actions (Obs.admissible) and <sub_done>, and trained under the same restriction (himac/choices.py). False:
+    free text parsed by the env, as in the paper."""
 
     def __post_init__(self):
-        from himac.config import check
-        check(self.rollouts_per_blueprint >= 1, "rollouts_per_blueprint", self.rollouts_per_blueprint, "must be >= 1")
-        check(self.subgoal_step_limit >= 1, "subgoal_step_limit", self.subgoal_step_limit, "must be >= 1")
-        check(math.isfinite(self.subgoal_reward), "subgoal_reward", self.subgoal_reward, "must be a finite number")
-        check(self.action_max_tokens >= 1, "action_max_tokens", self.action_max_tokens, "must be >= 1")
-        check(self.executor_temperature > 0, "executor_temperature", self.executor_temperature,
-              "must be > 0 (Phase B samples; Phase A is greedy by design)")
-        check(self.history_window >= 0, "history_window", self.history_window, "must be >= 0")
-        check(self.max_prompt_tokens >= 0, "max_prompt_tokens", self.max_prompt_tokens, "must be >= 0")
-        check(self.subgoal_overrun in ("halt", "advance"), "subgoal_overrun", self.subgoal_overrun,
-              "must be 'halt' or 'advance'")
+        validate(self)
 
 
 @dataclass
@@ -230,9 +218,8 @@ def generate(policy: Policy, prompts: Prompts, parse_action, pool, seeds: list[i
                 x.k, x.segment_steps, x.history = x.k + 1, 0, []
                 if x.k >= len(x.traj.subgoals):  # the plan is done but the task is not
                     x.traj.end = "plan_exhausted"
-                    penalty = cfg.halt_penalty if cfg.plan_exhausted_penalty is None else cfg.plan_exhausted_penalty
-                    x.traj.ret += penalty
-                    step.reward += penalty
+                    x.traj.ret += cfg.halt_penalty
+                    step.reward += cfg.halt_penalty
             else:
                 to_step.append((x, step))
         t0 = time.perf_counter()
@@ -297,7 +284,7 @@ def _apply(x: _Live, step: Step, obs: Obs, reward: float, env_done: bool, info: 
     t = x.traj
     if not step.valid:
         t.invalid += 1
-        reward += cfg.invalid_action_penalty
+        reward += INVALID_PENALTY
     elif info.get("invalid"):  # well-formed but refused by the env (ALFWorld: not admissible now); the env priced it
         t.invalid += 1
     step.reward = reward

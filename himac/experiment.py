@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
@@ -20,102 +21,78 @@ from envs import get_spec
 from envs.seeds import task_seeds
 from himac import config as C
 from himac import estimators, executor, models, planner
+from himac.config import Range
 from himac.update import UpdateConfig
 
 
 @dataclass
 class RunConfig:
     env: str = "sokoban"
-    """Environment name in envs.REGISTRY."""
-    iterations: int = 100
-    """Co-evolution iterations T (each runs Phase A then Phase B)."""
-    tasks_per_iteration: int = 4
-    """B: tasks per iteration; each is its own macro group and micro group."""
-    seed: int = 0
-    """Seeds the model's sampling and the training tasks; same seed, same tasks."""
-    task_pool: int = 0
-    """0: fresh tasks every iteration; N: a fixed training set of N tasks, visited in turn."""
-    gen_batch_size: int = 16
-    """Prompts per generate() call."""
-    save_every: int = 1
-    """Checkpoint every this many iterations (and always at the end)."""
-    eval_episodes: int = 0
-    """Held-out episodes evaluated greedily before training, every eval_every, and at the end (0: off)."""
-    eval_every: int = 0
-    """Evaluate every this many iterations (0: only before and after)."""
-    eval_every_minutes: float = 0.0
-    """Also evaluate after the iteration that brings training time (evaluation excluded) past each multiple of
-    this (0: off): variants that iterate at different speeds are then compared at equal wall-clock."""
+    """(infra) Environment name in envs.REGISTRY."""
+    iterations: Annotated[int, Range(ge=0)] = 100
+    """(paper) Co-evolution iterations T (each runs Phase A then Phase B)."""
+    tasks_per_iteration: Annotated[int, Range(ge=1)] = 4
+    """(departure) B: tasks per iteration, each its own macro group and micro group (Algorithm 1, line 2,
+    samples one); more tasks a step, for throughput."""
+    seed: Annotated[int, Range(ge=0)] = 0
+    """(infra) Seeds the model's sampling and the training tasks; same seed, same tasks."""
+    gen_batch_size: Annotated[int, Range(ge=1)] = 16
+    """(infra) Prompts per generate() call."""
+    save_every: Annotated[int, Range(ge=1)] = 1
+    """(infra) Checkpoint every this many iterations (and always at the end)."""
+    eval_episodes: Annotated[int, Range(ge=0)] = 0
+    """(infra) Held-out episodes evaluated greedily before training, every eval_every, and at the end (0: off)."""
+    eval_every: Annotated[int, Range(ge=0)] = 0
+    """(infra) Evaluate every this many iterations (0: only before and after)."""
+    eval_every_minutes: Annotated[float, Range(ge=0)] = 0.0
+    """(infra) Also evaluate after the iteration that brings training time (evaluation excluded) past each
+    multiple of this (0: off): variants that iterate at different speeds are then compared at equal time."""
     eval_at_start: bool = True
-    """Evaluate before the first iteration (a benchmark evaluating many seeds of one untrained agent
+    """(infra) Evaluate before the first iteration (a benchmark evaluating many seeds of one untrained agent
     does it once)."""
-    eval_offset: int = 0
-    """First seed of the held-out stream (envs.seeds.eval_seeds); envs.seeds.VALIDATION_OFFSET picks the
-    validation range, kept apart from the rooms results are reported on."""
-    sample_log: int = 1
-    """Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
-    time_budget_s: float = 0.0
-    """Stop after the iteration that brings training time (evaluation excluded) past this (0: no limit)."""
-    time_clock: str = "wall"
-    """What 'training time' counts for time_budget_s and eval_every_minutes: 'wall' (wall-clock) or 'cpu' (the
-    trainer process's CPU seconds: on a shared machine, every run gets the same compute whatever else runs;
-    on a quiet one with one thread per run it equals wall-clock)."""
-    sampling: str = "auto"
-    """Where sampled tokens draw their randomness: 'global' (the process's torch stream, so a prompt's sample
-    depends on the batch it was generated in), 'keyed' (each draw seeded by seed, iteration, the prompt, its
-    occurrence and the token position: samples do not depend on batching or on the number of data-parallel
-    ranks, and N torchrun ranks give what one process gives) or 'auto' (keyed with several ranks, else global)."""
+    eval_offset: Annotated[int, Range(ge=0)] = 0
+    """(infra) First seed of the held-out stream (envs.seeds.eval_seeds); envs.seeds.VALIDATION_OFFSET picks
+    the validation range, kept apart from the rooms results are reported on."""
+    sample_log: Annotated[int, Range(ge=0)] = 1
+    """(infra) Tasks per iteration whose blueprints and trajectories go to samples.jsonl."""
+    time_budget_s: Annotated[float, Range(ge=0)] = 0.0
+    """(infra) Stop after the iteration that brings training time (evaluation excluded) past this (0: no
+    limit)."""
+    time_clock: Literal["wall", "cpu"] = "wall"
+    """(infra) What 'training time' counts for time_budget_s and eval_every_minutes: 'wall' (wall-clock) or
+    'cpu' (the trainer process's CPU seconds: on a shared machine, every run gets the same compute whatever
+    else runs; on a quiet one with one thread per run it equals wall-clock)."""
+    sampling: Literal["auto", "global", "keyed"] = "auto"
+    """(infra) Where sampled tokens draw their randomness: 'global' (the process's torch stream, so a
+    prompt's sample depends on the batch it was generated in), 'keyed' (each draw seeded by seed, iteration,
+    the prompt, its occurrence and the token position: samples do not depend on batching or on the number of
+    data-parallel ranks, and N torchrun ranks give what one process gives) or 'auto' (keyed with several
+    ranks, else global)."""
     hierarchy: bool = True
-    """False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task from
-    the flat prompt, one update on their action tokens (with update key 'advantage': grpo, rloo, gigpo)."""
+    """(paper) False: the 'w/o hierarchy' ablation / flat baselines: no blueprint; M trajectories per task
+    from the flat prompt, one update on their action tokens (with `advantage`: grpo, rloo, gigpo)."""
     coevolution: bool = True
-    """False: the 'w/o co-evolution' ablation: Phase A and B both roll out with the iteration's starting
-    policy and one optimiser step carries the blueprint and the action losses together."""
-    macro_every: int = 1
-    """Phase A in full (G blueprints, each scored by a greedy rollout, the planner's update) on every this
-    many iterations, from iteration 0; between them the planner writes one greedy blueprint per task, which
-    is z*, unscored, and the planner is not updated. 1 = every iteration (Algorithm 1). A departure from the
-    paper for time: Phase A costs about as much generation as Phase B, so k > 1 gives the executor more
-    updates per second."""
-    blueprint_choice: str = "best"
-    """Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded uniform pick
-    among the task's valid blueprints: the 'random blueprint' ablation)."""
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
-    """Where metrics go: 'jsonl' (metrics.jsonl, always written), 'tensorboard' (RUN/tensorboard/, pip install
-    'himac[tensorboard]'), 'wandb' (Weights & Biases, pip install 'himac[wandb]'); e.g. [jsonl, tensorboard]."""
-    wandb_project: str = "himac"
-    """W&B project of report_to: wandb."""
-    wandb_mode: str = "offline"
-    """W&B mode: 'offline' (RUN/wandb/, no network; upload later with `wandb sync`), 'online' (after `wandb
-    login`) or 'disabled'."""
+    """(paper) False: the 'w/o co-evolution' ablation: Phase A and B both roll out with the iteration's
+    starting policy and one optimiser step carries the blueprint and the action losses together."""
+    macro_every: Annotated[int, Range(ge=1)] = 1
+    """(departure) Phase A in full (G blueprints, each scored by a greedy rollout, the planner's update) on
+    every this many iterations, from iteration 0; between them the planner writes one greedy blueprint per
+    task, which is z*, unscored, and the planner is not updated. 1 = every iteration (Algorithm 1). Phase A
+    costs about as much generation as Phase B, so k > 1 gives the executor more updates per second."""
+    blueprint_choice: Literal["best", "random"] = "best"
+    """(paper) Blueprint Phase B runs under: 'best' (z* = argmax return, Eq. 4) or 'random' (a seeded
+    uniform pick among the task's valid blueprints: the 'random blueprint' ablation)."""
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """(infra) Where metrics go: 'jsonl' (metrics.jsonl, always written), 'tensorboard' (RUN/tensorboard/,
+    pip install 'himac[tensorboard]'), 'wandb' (Weights & Biases, pip install 'himac[wandb]'; project and
+    mode from $WANDB_PROJECT, default himac, and $WANDB_MODE, default offline); e.g. [jsonl, tensorboard]."""
 
     def __post_init__(self):
-        C.check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
-        C.check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        C.check(self.tasks_per_iteration >= 1, "tasks_per_iteration", self.tasks_per_iteration, "must be >= 1")
-        C.check(self.gen_batch_size >= 1, "gen_batch_size", self.gen_batch_size, "must be >= 1")
-        C.check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
-        C.check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "must be >= 0")
-        C.check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
-        C.check(self.eval_offset >= 0, "eval_offset", self.eval_offset, "must be >= 0")
-        C.check(self.eval_every_minutes >= 0, "eval_every_minutes", self.eval_every_minutes, "must be >= 0")
-        C.check(self.task_pool >= 0, "task_pool", self.task_pool, "must be >= 0")
-        C.check(self.time_budget_s >= 0, "time_budget_s", self.time_budget_s, "must be >= 0")
-        C.check(self.time_clock in ("wall", "cpu"), "time_clock", self.time_clock, "must be 'wall' or 'cpu'")
-        C.check(self.sampling in ("auto", "global", "keyed"), "sampling", self.sampling,
-                "must be 'auto', 'global' or 'keyed'")
-        C.check(self.macro_every >= 1, "macro_every", self.macro_every, "must be >= 1")
-        C.check(self.blueprint_choice in ("best", "random"), "blueprint_choice", self.blueprint_choice,
-                "must be 'best' or 'random'")
-        bad = [r for r in self.report_to if r not in ("jsonl", "tensorboard", "wandb")]
-        C.check(not bad, "report_to", self.report_to, f"{bad[0] if bad else ''!r} is not one of jsonl, tensorboard, "
-                "wandb")
-        C.check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode", self.wandb_mode,
-                "must be 'offline', 'online' or 'disabled'")
+        C.validate(self)
 
     def task_seeds(self, iteration: int) -> list[int]:
         """Env seeds of the iteration's B training tasks (Algorithm 1, line 2: x ~ D)."""
-        return task_seeds(self.seed, iteration, self.tasks_per_iteration, self.task_pool)
+        return task_seeds(self.seed, iteration, self.tasks_per_iteration)
 
 
 @dataclass
@@ -194,8 +171,7 @@ VARIANTS: dict[str, dict] = {
 
 # -- advantages ------------------------------------------------------------------------
 def estimator_params(cfg: UpdateConfig) -> estimators.Params:
-    return estimators.Params(scale_std=cfg.adv_scale_std, eps=cfg.adv_eps, gamma=cfg.gigpo_gamma,
-                             step_weight=cfg.gigpo_step_weight, std_floor=cfg.adv_std_floor)
+    return estimators.Params(eps=cfg.adv_eps, gamma=cfg.gigpo_gamma, std_floor=cfg.adv_std_floor)
 
 
 def blueprint_advantages(returns: torch.Tensor, group: torch.Tensor, cfg: UpdateConfig) -> torch.Tensor:

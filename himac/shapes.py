@@ -17,9 +17,8 @@ Weights: every tensor of two or more dimensions is N(0, initializer_range) (0.02
 init), 1-D weights (the RMSNorms) are ones and biases zeros; each tensor is drawn from its own
 generator seeded by (seed, name), so the result does not depend on the order or the thread that
 draws it. They are drawn in parallel threads, shard by shard (at most SHARD_BYTES held at once).
-Cost, measured on the 2-core CPU with another job on both cores: the 1.54B shape took 90 s once
-(31 s of CPU with one drawing thread, 1.46 GiB peak resident) and 3.1 GB of disk; VL-3B takes
-7.5 GB, 7B 15.2 GB. Loading in float32 on the CPU then holds 4 bytes a parameter (6.2 GB for
+Cost: the 1.54B shape takes a minute or two to draw once and 3.1 GB of disk; VL-3B takes
+7.5 GB, 7B 15.2 GB (docs/shapes.md). Loading in float32 on the CPU then holds 4 bytes a parameter (6.2 GB for
 1.5B), as a hub model would.
 
 Stand-in tokenizer: a byte-level BPE of 600 tokens trained on the envs' prompt text (himac/tiny.py's

@@ -1,6 +1,6 @@
 """Tiny random models, for tests only: they know nothing until trained.
 
-- `tiny`: a randomly initialised 2-layer Qwen2 with a byte-level BPE tokenizer
+- `tiny` (`tiny?hidden=128` for a wider one): a randomly initialised 2-layer Qwen2 with a byte-level BPE tokenizer
   (600 tokens) trained in-process on the environments' prompt text, ChatML template;
 - `tiny-vl`: the same for a vision-language model, a random tiny Qwen2.5-VL with a
   1-block vision tower, Qwen's vision special tokens, a ChatML template that
@@ -10,7 +10,7 @@
 Each is written once into the cache under a digest of everything that shapes it
 (the corpus, width, seed), and loaded by models.load through the same
 `from_pretrained` call as a hub model, so 4-bit and LoRA take one code path. The
-production loading path (models.py) only looks them up by name in `TINY`.
+production loading path (models.py) only asks `parse` and `materialise` by name.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from envs import REGISTRY
+from envs.base import ConfigError
 from envs.cache import atomic_dir, cache_dir
 from himac.vision import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
@@ -137,3 +138,25 @@ def materialise_tiny_vl(hidden: int, seed: int) -> Path:
 
 
 TINY = {"tiny": materialise_tiny, "tiny-vl": materialise_tiny_vl}  # name -> (hidden, seed) -> model directory
+TINY_HIDDEN = 64
+
+
+def parse(name: str) -> tuple[str, int] | None:
+    """'tiny' -> ('tiny', 64), 'tiny?hidden=128' -> ('tiny', 128), 'tiny-vl' likewise; None for any other model
+    name. A bad width is a ConfigError naming the key."""
+    base, _, query = name.partition("?")
+    if base not in TINY:
+        return None
+    if not query:
+        return base, TINY_HIDDEN
+    key, _, value = query.partition("=")
+    if key != "hidden" or not value.isdigit() or int(value) % 16 or not int(value):
+        raise ConfigError(f"config key 'model' = {name!r}: a tiny model takes '?hidden=N', N a positive "
+                          "multiple of 16")
+    return base, int(value)
+
+
+def materialise(name: str) -> Path:
+    """The cached directory of tiny model `name` (built on first use; weights seeded by 0)."""
+    base, hidden = parse(name)
+    return TINY[base](hidden, 0)

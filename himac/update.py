@@ -11,23 +11,18 @@ Memory does not grow with G or M: rows are processed in micro-batches of
 `micro_batch_size`, gradients accumulate, and the loss weights are fixed for the
 whole batch first (groups.token_weights), so accumulation is exact.
 
-With one optimiser step per phase (ppo_epochs = mini_batches = 1), pi_theta_old
-equals pi_theta at the time of the gradient, so old log-probs are the detached
-current ones and no extra forward pass is spent; with more steps they are computed
-once, before the first step, as PPO does, and only then can Eq. 3's clip act.
+With one optimiser step per phase (mini_batches = 1, the paper's lines 9 and 14),
+pi_theta_old equals pi_theta at the time of the gradient, so old log-probs are the
+detached current ones and no extra forward pass is spent; with more steps they are
+computed once, before the first step, as PPO does, and only then can Eq. 3's clip act.
 
-Controls on how far one phase moves the shared weights (issue 11; the defaults are
-what docs/results.md measured):
-- one AdamW per role (`optimizer_per_role`, see `Optimizers`): Phase A's steps do not
-  replay the executor's momentum, nor feed its second-moment estimate;
-- one LoRA adapter per role (ModelConfig.role_adapters): each phase's steps run and
-  train its own role's adapter (`policy_update` switches to it), so the executor's steps
-  cannot move the planner nor the planner's the executor; each optimiser holds its own;
-- no step at all when every selected row's advantage is 0 (`skip_zero_advantage`):
-  Adam would otherwise move every weight by its momentum on a zero gradient;
-- a linear learning-rate warm-up per optimiser (`warmup_steps`): Adam's first steps
-  are sign steps of size lr on every LoRA weight;
-- an early stop of a phase's steps once KL(pi_old || pi) passes `target_kl`.
+Departures a shipped config uses (docs/results.md measures each), all off by default:
+one AdamW per role (`optimizer_per_role`, see `Optimizers`), so Phase A's steps do not
+replay the executor's momentum; one LoRA adapter per role (ModelConfig.role_adapters),
+each phase training its own (`policy_update` switches to it), the planner's at its own
+`planner_lr`; no step at all when no
+row carries signal (`drop_zero_variance`), as Adam would otherwise move every weight by
+its momentum on a zero gradient; a linear learning-rate warm-up (`warmup_steps`).
 A step whose loss or gradient norm is not finite is not taken (`nonfinite_steps`);
 the trainer stops a run that keeps producing them and never checkpoints bad weights.
 
@@ -42,17 +37,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
+from envs.base import Range, validate
 from himac import distributed as dist
 from himac import groups, models, vision
 from himac.policy import TrainablePolicy, as_role
 
 BLUEPRINT, ACTION = 1, 2  # token kinds: what a row's completion is
-ADVANTAGES = ("grpo", "rloo", "gigpo", "step_grpo")
-AGGREGATIONS = ("sample", "turn", "token")
 
 
 @dataclass
@@ -69,88 +63,52 @@ class Row:
 
 @dataclass
 class UpdateConfig:
-    lr: float = 1e-5
-    """AdamW learning rate of the LoRA parameters."""
-    planner_lr: float | None = None
-    """Learning rate of Phase A's blueprint-only steps (None: lr). Both roles share the LoRA
-    weights, and Adam makes every step about lr long whatever the gradient's size, so a
-    macro step on weak blueprint advantages still moves the executor by lr: a lower
-    planner_lr keeps that drift down."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient norm clip before each optimiser step."""
-    clip_eps: float = 0.2
-    """epsilon of the clipped ratio in Eq. 3."""
-    kl_beta: float = 0.01
-    """beta of the KL penalty in Eq. 3 (paper: 0.01). 0 skips the reference forward."""
-    planner_kl_beta: float | None = None
-    """KL coefficient of Phase A's blueprint-only steps (None: kl_beta). Planner and executor
-    share the LoRA weights, so the executor's steps move the planner too; a KL to the untrained
-    reference on blueprint tokens alone is meant to hold the planner's prior without constraining
-    the executor (on the push-plan benchmark 0.1 and 1.0 did not: docs/results.md)."""
-    adv_eps: float = 1e-6
-    """epsilon in the denominator of Eq. 2."""
-    adv_scale_std: bool = True
-    """Divide by the group std in Eq. 2 (False: mean-centred returns only, as in Dr. GRPO)."""
-    adv_std_floor: float = 0.0
-    """Eq. 2 divides by max(std, this), in reward units (0: the paper's Eq. 2). A floor keeps groups
-    whose returns differ only by step costs from getting advantages as large as a real success's."""
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    """(paper) eta: AdamW learning rate of the LoRA parameters."""
+    planner_lr: Annotated[float | None, Range(gt=0)] = None
+    """(departure) Learning rate of Phase A's blueprint-only steps (None: lr). Adam makes every step about lr
+    long whatever the gradient's size, so a macro step on weak blueprint advantages moves the weights by lr;
+    with role_adapters a lower planner_lr keeps the planner's own adapter near its prior."""
+    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
+    """(infra) Gradient norm clip before each optimiser step."""
+    clip_eps: Annotated[float, Range(gt=0, lt=1)] = 0.2
+    """(paper) epsilon of the clipped ratio in Eq. 3."""
+    kl_beta: Annotated[float, Range(ge=0)] = 0.01
+    """(paper) beta of the KL penalty in Eq. 3 (paper: 0.01). 0 skips the reference forward."""
+    adv_eps: Annotated[float, Range(gt=0)] = 1e-6
+    """(paper) epsilon in the denominator of Eq. 2."""
+    adv_std_floor: Annotated[float, Range(ge=0)] = 0.0
+    """(departure) Eq. 2 divides by max(std, this), in reward units (0: the paper's Eq. 2). A floor keeps
+    groups whose returns differ only by step costs from getting advantages as large as a real success's."""
     drop_zero_variance: bool = False
-    """Groups whose returns are all equal (no signal) leave the update and its 1/N (DAPO's dynamic
-    sampling); counted as macro/ and micro/zero_var_groups either way."""
-    loss_aggregation: str = "sample"
-    """Token weights of Eq. 3: 'sample' (1/N per blueprint or trajectory, token-mean inside), 'turn'
-    (1/N per executor turn) or 'token' (every trained token the same)."""
+    """(departure) Groups whose returns are all equal (no signal) leave the update and its 1/N (DAPO's dynamic
+    sampling), and a phase with no signal left takes no optimiser step (Adam's momentum would still move
+    every weight); counted as macro/ and micro/zero_var_groups either way."""
+    loss_aggregation: Literal["sample", "turn", "token"] = "sample"
+    """(departure) Token weights of Eq. 3: 'sample' (1/N per blueprint or trajectory, token-mean inside: the
+    paper), 'turn' (1/N per executor turn) or 'token' (every trained token the same)."""
     optimizer_per_role: bool = False
-    """One AdamW state for the planner's (blueprint-only) steps and one for the executor's; False: one
-    shared state, so a Phase A step replays the executor's momentum."""
-    skip_zero_advantage: bool = False
-    """Take no optimiser step when every trained row's advantage is 0 (Adam's momentum would still move
-    every weight)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up over each optimiser's first this many steps (0: none)."""
-    target_kl: float = 0.0
-    """Stop a phase's remaining steps (ppo_epochs x mini_batches) once the k3 estimate of
-    KL(pi_old || pi) on the next mini-batch passes this (0: never)."""
-    micro_batch_size: int = 8
-    """Rows per forward/backward; gradients accumulate across micro-batches."""
-    ppo_epochs: int = 1
-    """Passes over a phase's rows."""
-    mini_batches: int = 1
-    """Optimiser steps per pass; samples are split between them whole."""
-    advantage: str = "grpo"
-    """Advantage estimator of trajectory groups: 'grpo' (Eq. 2), 'rloo' (leave-one-out baseline),
-    'gigpo' (Eq. 2 over episodes + step_weight * Eq. 2 over identical-observation step groups) or
-    'step_grpo' (a departure: Eq. 2 over the discounted step returns of a group's turns pooled).
-    Blueprint (macro) groups use grpo or rloo; gigpo and step_grpo have no steps there and are grpo."""
-    gigpo_step_weight: float = 1.0
-    """omega: weight of GiGPO's step-level advantage."""
-    gigpo_gamma: float = 0.95
-    """Discount of the step returns GiGPO compares within a step group (and step_grpo within a group)."""
+    """(departure) One AdamW state for the planner's (blueprint-only) steps and one for the executor's; False:
+    one shared state, so a Phase A step replays the executor's momentum."""
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
+    """(departure) Linear learning-rate warm-up over each optimiser's first this many steps (0: none): Adam's
+    first steps are sign steps of size lr on every LoRA weight."""
+    micro_batch_size: Annotated[int, Range(ge=1)] = 8
+    """(infra) Rows per forward/backward; gradients accumulate across micro-batches."""
+    mini_batches: Annotated[int, Range(ge=1)] = 1
+    """(departure) Optimiser steps per phase, its samples split between them whole (1: one step, the paper's
+    line 9 and 14); pi_old's log-probs are frozen before the first."""
+    advantage: Literal["grpo", "rloo", "gigpo", "step_grpo"] = "grpo"
+    """(paper) Advantage estimator of trajectory groups: 'grpo' (Eq. 2), the paper's baselines 'rloo'
+    (leave-one-out) and 'gigpo' (Eq. 2 over episodes + Eq. 2 over identical-observation step groups), or
+    'step_grpo' (a departure: Eq. 2 over the discounted step returns of a group's turns pooled). Blueprint
+    (macro) groups use grpo or rloo; gigpo and step_grpo have no steps there and are grpo."""
+    gigpo_gamma: Annotated[float, Range(ge=0, le=1)] = 0.95
+    """(paper) Discount of the step returns GiGPO compares within a step group (and step_grpo within a
+    group)."""
 
     def __post_init__(self):
-        from himac.config import check
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
-        check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm,
-              "must be > 0 (a negative norm would flip the gradient, 0 would freeze it)")
-        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.planner_lr is None or self.planner_lr > 0, "planner_lr", self.planner_lr, "must be > 0 or null")
-        check(self.planner_kl_beta is None or self.planner_kl_beta >= 0, "planner_kl_beta", self.planner_kl_beta,
-              "must be >= 0 or null")
-        check(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must be in (0, 1)")
-        check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
-        check(self.adv_eps > 0, "adv_eps", self.adv_eps, "must be > 0")
-        check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
-        check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
-        check(self.mini_batches >= 1, "mini_batches", self.mini_batches, "must be >= 1")
-        check(self.advantage in ADVANTAGES, "advantage", self.advantage, f"must be one of {ADVANTAGES}")
-        check(self.adv_std_floor >= 0, "adv_std_floor", self.adv_std_floor, "must be >= 0")
-        check(self.loss_aggregation in AGGREGATIONS, "loss_aggregation", self.loss_aggregation,
-              f"must be one of {AGGREGATIONS}")
-        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        check(self.target_kl >= 0, "target_kl", self.target_kl, "must be >= 0")
-        check(0 <= self.gigpo_gamma <= 1, "gigpo_gamma", self.gigpo_gamma, "must be in [0, 1]")
+        validate(self)
 
 
 def make_optimizer(model, cfg: UpdateConfig, params: list | None = None) -> torch.optim.Optimizer:
@@ -158,7 +116,7 @@ def make_optimizer(model, cfg: UpdateConfig, params: list | None = None) -> torc
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     if not params:
         raise ValueError("the model has no trainable parameters (is the LoRA adapter attached?)")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
 
 class Optimizers:
@@ -218,16 +176,15 @@ def row_units(rows: list[Row], kinds: set[int], aggregation: str = "sample") -> 
 
 
 def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, cfg: UpdateConfig,
-              old_logp: torch.Tensor | None = None, beta: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice; `beta`: the KL
-    coefficient (None: cfg.kl_beta)."""
-    beta = cfg.kl_beta if beta is None else beta
+              old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 3 loss of one micro-batch; `weights` (R, C) are this micro-batch's slice; `old_logp` (R, C) pi_old's
+    log-probs (None: pi_old is the policy now, one step per phase)."""
     prompts = [r.prompt_ids for r in rows]
     completions = [r.completion_ids for r in rows]
-    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
+    temps = _temperatures(rows)
     extra = {**vision.image_kwargs([r.images for r in rows]), **_allowed_kwargs(rows)}  # images, choices
     ref = None
-    if beta > 0:  # first: its (R, C, V) logits are freed before the forward with gradients keeps its own
+    if cfg.kl_beta > 0:  # first: its (R, C, V) logits are freed before the forward with gradients keeps its own
         with torch.no_grad(), policy.reference():
             ref, _ = policy.logprobs(prompts, completions, temps, **extra)  # (R, C)
     logp, mask = policy.logprobs(prompts, completions, temps, **extra)  # (R, C) with grad
@@ -235,7 +192,12 @@ def rows_loss(policy: TrainablePolicy, rows: list[Row], weights: torch.Tensor, c
     w = weights[:, :C].to(logp.device) * mask  # (R, C)
     old = logp.detach() if old_logp is None else old_logp[:, :C].to(logp.device)
     adv = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=logp.device)  # (R,)
-    return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=beta)
+    return groups.clipped_surrogate(logp, old, ref, adv, w, clip_eps=cfg.clip_eps, beta=cfg.kl_beta)
+
+
+def _temperatures(rows: list[Row]) -> torch.Tensor:
+    """(R,) the temperature each row was sampled at (greedy rows: 1)."""
+    return torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows])
 
 
 def _allowed_kwargs(rows: list[Row]) -> dict:
@@ -272,81 +234,86 @@ def _policy_update(policy: TrainablePolicy, optimizer: torch.optim.Optimizer, ro
     if not dist.agree(bool(rows)):  # several ranks: one with no rows still joins the others' steps
         return {}
     t0 = time.perf_counter()
-    planned = cfg.ppo_epochs * cfg.mini_batches
-    if cfg.skip_zero_advantage and not dist.agree(any(r.advantage != 0 for r in rows)):
-        return {"steps": 0.0, "steps_skipped": float(planned), "tokens": 0.0, "update_s": time.perf_counter() - t0}
+    if cfg.drop_zero_variance and not dist.agree(any(r.advantage != 0 for r in rows)):
+        return {"steps": 0.0, "steps_skipped": float(cfg.mini_batches), "tokens": 0.0,
+                "update_s": time.perf_counter() - t0}
     policy.model.train()
-    old: dict[int, torch.Tensor] = {}
-    if planned > 1:  # pi_old must be frozen before the first step changes theta
-        with torch.no_grad():
-            for chunk in _chunks(rows, cfg.micro_batch_size):
-                temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in chunk])
-                lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], temps,
-                                        **vision.image_kwargs([r.images for r in chunk]), **_allowed_kwargs(chunk))
-                for r, row_lp in zip(chunk, lp):
-                    old[id(r)] = row_lp.cpu()
-    base_lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
-    beta = cfg.planner_kl_beta if kinds == {BLUEPRINT} and cfg.planner_kl_beta is not None else cfg.kl_beta
-    totals = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0}
-    tokens, done_steps, stopped, nonfinite = 0.0, 0, False, 0
+    old = _old_logprobs(policy, rows, cfg.micro_batch_size) if cfg.mini_batches > 1 else {}
+    lr = cfg.planner_lr if kinds == {BLUEPRINT} and cfg.planner_lr is not None else cfg.lr
+    totals = dict.fromkeys(("loss", "kl", "approx_kl", "clipfrac", "ratio_mean", "grad_norm"), 0.0)
+    tokens, done_steps, nonfinite = 0.0, 0, 0
     every_id = sorted(set().union(*dist.all_gather({r.sample for r in rows}))) if dist.active() else None
-    for _ in range(cfg.ppo_epochs):
-        for part in _split_samples(rows, cfg.mini_batches, every_id):
-            part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
-            units = int(dist.all_sum([row_units(part, kinds, cfg.loss_aggregation)])[0]) if dist.active() else None
-            weights = row_weights(part, kinds, cfg.loss_aggregation, units) if part else None  # (R, C) fixed first
-            step = {"loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0}
-            n_step = 0.0
-            for start in range(0, len(part), cfg.micro_batch_size):
-                chunk = part[start:start + cfg.micro_batch_size]
-                old_lp = None
-                if old:
-                    width = max(len(r.completion_ids) for r in chunk)
-                    old_lp = torch.stack([torch.nn.functional.pad(old[id(r)], (0, width - old[id(r)].numel()))
-                                          for r in chunk])
-                loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp, beta)
-                loss.backward()
-                n = float(stats["tokens"])
-                step["loss"] += float(loss.detach())
-                for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
-                    step[k] += float(stats[k]) * n
-                n_step += n
-            if dist.active():  # the step's loss and statistics over every rank's rows
-                keys = ("loss", "kl", "approx_kl", "clipfrac", "ratio_mean")
-                *sums, n_step = dist.all_sum([step[k] for k in keys] + [n_step])
-                step = dict(zip(keys, sums))
-            if dist.agree(bool(cfg.target_kl and done_steps and step["approx_kl"] / max(n_step, 1.0) > cfg.target_kl)):
-                optimizer.zero_grad(set_to_none=True)  # pi has moved far enough from pi_old: stop here
-                stopped = True
-                break
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            dist.all_reduce_grads(params)  # one gradient: the clip below sees the sum over ranks
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            if dist.agree(not (math.isfinite(norm) and math.isfinite(step["loss"]))):
-                optimizer.zero_grad(set_to_none=True)  # a NaN/inf loss or gradient: this step is not taken
-                nonfinite += 1
-                continue
-            totals["grad_norm"] += norm
-            for g in optimizer.param_groups:
-                taken = g.get("himac_steps", 0)  # saved with the optimiser: warm-up survives a resume
-                g["lr"] = base_lr * (min(1.0, (taken + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-                g["himac_steps"] = taken + 1
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done_steps += 1
-            totals["loss"] += step["loss"]
+    for part in _split_samples(rows, cfg.mini_batches, every_id):
+        part = sorted(part, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))  # less padding
+        units = int(dist.all_sum([row_units(part, kinds, cfg.loss_aggregation)])[0]) if dist.active() else None
+        weights = row_weights(part, kinds, cfg.loss_aggregation, units) if part else None  # (R, C) fixed first
+        step = dict.fromkeys(("loss", "kl", "approx_kl", "clipfrac", "ratio_mean"), 0.0)
+        n_step = 0.0
+        for start in range(0, len(part), cfg.micro_batch_size):
+            chunk = part[start:start + cfg.micro_batch_size]
+            old_lp = None
+            if old:
+                width = max(len(r.completion_ids) for r in chunk)
+                old_lp = torch.stack([torch.nn.functional.pad(old[id(r)], (0, width - old[id(r)].numel()))
+                                      for r in chunk])
+            loss, stats = rows_loss(policy, chunk, weights[start:start + len(chunk)], cfg, old_lp)
+            loss.backward()
+            n = float(stats["tokens"])
+            step["loss"] += float(loss.detach())
             for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
-                totals[k] += step[k]
-            tokens += n_step
-        if stopped:
-            break
+                step[k] += float(stats[k]) * n
+            n_step += n
+        if dist.active():  # the step's loss and statistics over every rank's rows
+            keys = ("loss", "kl", "approx_kl", "clipfrac", "ratio_mean")
+            *sums, n_step = dist.all_sum([step[k] for k in keys] + [n_step])
+            step = dict(zip(keys, sums))
+        norm = _step(optimizer, cfg, lr, math.isfinite(step["loss"]))
+        if norm is None:  # a NaN/inf loss or gradient: this step is not taken
+            nonfinite += 1
+            continue
+        totals["grad_norm"] += norm
+        done_steps += 1
+        for k in step:
+            totals[k] += step[k]
+        tokens += n_step
     out = {"loss": totals["loss"] / max(done_steps, 1), "grad_norm": totals["grad_norm"] / max(done_steps, 1),
            "tokens": dist.all_sum([float(sum(len(r.completion_ids) for r in rows))])[0], "steps": float(done_steps),
-           "steps_skipped": float(planned - done_steps), "nonfinite_steps": float(nonfinite),
+           "steps_skipped": float(cfg.mini_batches - done_steps), "nonfinite_steps": float(nonfinite),
            "update_s": time.perf_counter() - t0}
     for k in ("kl", "approx_kl", "clipfrac", "ratio_mean"):
         out[k] = totals[k] / max(tokens, 1.0)
     return out
+
+
+def _old_logprobs(policy: TrainablePolicy, rows: list[Row], size: int) -> dict[int, torch.Tensor]:
+    """pi_old's log-probs of every row, frozen before the first of several steps changes theta: {id(row): (C,)}."""
+    old = {}
+    with torch.no_grad():
+        for chunk in _chunks(rows, size):
+            lp, _ = policy.logprobs([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
+                                    _temperatures(chunk), **vision.image_kwargs([r.images for r in chunk]),
+                                    **_allowed_kwargs(chunk))
+            for r, row_lp in zip(chunk, lp):
+                old[id(r)] = row_lp.cpu()
+    return old
+
+
+def _step(optimizer: torch.optim.Optimizer, cfg: UpdateConfig, lr: float, finite_loss: bool) -> float | None:
+    """One optimiser step on the accumulated gradient (summed over ranks, clipped, learning rate `lr` warmed up);
+    the gradient's norm, or None when the loss or the gradient is not finite and the step is not taken."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    dist.all_reduce_grads(params)  # one gradient: the clip below sees the sum over ranks
+    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    if dist.agree(not (math.isfinite(norm) and finite_loss)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    for g in optimizer.param_groups:
+        taken = g.get("himac_steps", 0)  # saved with the optimiser: warm-up survives a resume
+        g["lr"] = lr * (min(1.0, (taken + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+        g["himac_steps"] = taken + 1
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def _chunks(items: list, size: int):

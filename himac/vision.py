@@ -1,4 +1,4 @@
-"""The image input path of the shared policy, for Qwen2.5-VL-style models (issue 5).
+"""The image input path of the shared policy, for Qwen2.5-VL-style models.
 
 The planner sees the episode's first frame and the executor the current frame of
 its segment (paper §4.1, visual Sokoban). A frame reaches the model as

@@ -9,7 +9,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from himac.models import ModelConfig
-    return ModelConfig(model="tiny", lora_r=8, lora_alpha=16)
+    return ModelConfig(model="tiny", lora_r=8)
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def test_fixed_budget_advances_exactly_every_t_limit_steps(tiny_tokenizer):
 # -- switches on the real loop -----------------------------------------------------------
 FAST = {"model": "tiny", "iterations": 1, "tasks_per_iteration": 2, "group_size": 2, "rollouts_per_blueprint": 2,
         "blueprint_max_tokens": 8, "action_max_tokens": 3, "max_steps": 3, "subgoal_step_limit": 2,
-        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4, "lora_alpha": 8}
+        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4}
 
 
 def _run_iteration(tmp_path, monkeypatch, **overrides):
@@ -278,7 +278,7 @@ def _rows_of_one_iteration(tmp_path, monkeypatch, **overrides):
 
 
 def test_each_tasks_blueprints_are_their_own_eq2_group(tmp_path, monkeypatch):
-    _, samples, updates = _rows_of_one_iteration(tmp_path, monkeypatch, blueprint_fail_penalty=-3.5)
+    _, samples, updates = _rows_of_one_iteration(tmp_path, monkeypatch, halt_penalty=-3.5)
     (kinds, rows), _ = updates
     assert kinds == B
     by_task = [[bp["return"] for bp in s["blueprints"]] for s in samples]  # (B, G) as logged
@@ -287,8 +287,8 @@ def test_each_tasks_blueprints_are_their_own_eq2_group(tmp_path, monkeypatch):
     assert len({tuple(sorted(r)) for r in by_task}) == 3  # tasks differ, so mixing groups would change the numbers
 
 
-def test_an_unparseable_blueprint_scores_the_fail_penalty(tmp_path, monkeypatch):
-    _, samples, _ = _rows_of_one_iteration(tmp_path, monkeypatch, blueprint_fail_penalty=-3.5)
+def test_an_unparseable_blueprint_scores_the_halt_penalty(tmp_path, monkeypatch):
+    _, samples, _ = _rows_of_one_iteration(tmp_path, monkeypatch, halt_penalty=-3.5)
     bps = [bp for s in samples for bp in s["blueprints"]]
     assert any(not bp["valid"] for bp in bps)  # a random tiny model writes some of each
     assert all(bp["return"] == -3.5 for bp in bps if not bp["valid"])

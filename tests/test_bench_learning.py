@@ -11,7 +11,7 @@ from tests.helpers import SCRIPTED_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "tasks_per_iteration=2", "group_size=2", "rollouts_per_blueprint=2", "blueprint_max_tokens=8",
-        "action_max_tokens=3", "max_steps=3", "max_solution_moves=3", "micro_batch_size=8", "lora_r=4", "lora_alpha=8"]
+        "action_max_tokens=3", "max_steps=3", "max_solution_moves=3", "micro_batch_size=8", "lora_r=4"]
 
 
 def test_bench_learning_seeds_variants_and_shared_start(tmp_path):

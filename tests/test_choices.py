@@ -84,12 +84,12 @@ def test_update_log_probs_are_normalised_over_the_allowed_tokens(tiny_policy):
 
 
 def test_pi_old_is_computed_under_the_same_restriction(tiny_policy):
-    """Two epochs with an optimiser that never moves theta: the ratio pi / pi_old must be 1 on every token."""
+    """Two steps with an optimiser that never moves theta: the ratio pi / pi_old must be 1 on every token."""
     trajs = rollouts(tiny_policy, ExecutorConfig(action_choices=True, subgoal_step_limit=2,
                                                  subgoal_overrun="advance"))
     rows = executor.training_rows(trajs, [[1.0 if i % 2 else -1.0] * len(t.steps) for i, t in enumerate(trajs)])
     assert all(isinstance(r, Row) and r.allowed for r in rows)
-    cfg = UpdateConfig(ppo_epochs=2, kl_beta=0.0, micro_batch_size=8)
+    cfg = UpdateConfig(mini_batches=2, kl_beta=0.0, micro_batch_size=8)
 
     class Still(torch.optim.SGD):
         def step(self, closure=None):

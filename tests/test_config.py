@@ -98,4 +98,32 @@ def test_keys_flag_prints_the_table(capsys):
     from himac.coevolve import main
     assert main(["--keys"]) == 0
     out = capsys.readouterr().out
-    assert "| `group_size` | planner | `8` |" in out and "| `room_size` | env |" in out
+    assert "| `group_size` | planner | paper | `8` |" in out and "| `room_size` | env | paper |" in out
+    assert "| `macro_every` | run | departure | `1` |" in out and "| `seed` | run | infra | `0` |" in out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys_of_kind(kind):
+    return sorted({f for name in REGISTRY for cls in sections(name).values()
+                   for f, doc in C.field_docs(cls).items() if C.field_kind(doc)[0] == kind})
+
+
+def test_every_key_says_its_kind():
+    for name in REGISTRY:
+        for section, cls in sections(name).items():
+            unmarked = [f for f, doc in C.field_docs(cls).items() if not C.field_kind(doc)[0]]
+            assert not unmarked, f"{name} {section} keys without (paper), (departure) or (infra): {unmarked}"
+
+
+def test_every_departure_is_used_by_a_shipped_config_and_measured_in_the_docs():
+    """A departure from the paper earns its key by a shipped config that uses it and a measured reason in
+    docs/results.md's table of departures; one that did not pay goes, with its code path."""
+    used = {k for path in CONFIGS for k in C.load_yaml(path)}
+    results = (ROOT / "docs" / "results.md").read_text()
+    table = results[results.index("## Departures"):]
+    departures = _keys_of_kind("departure")
+    assert departures
+    assert [k for k in departures if k not in used] == []
+    assert [k for k in departures if f"`{k}`" not in table] == []

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_run(path: Path, model: str = "tiny", lora_std: float = 0.2, seed: int = 1, **overrides) -> Path:
     """A run directory as coevolve writes it (config.yaml + checkpoint/adapter), with a random adapter."""
-    settings = {"model": model, "load_in_4bit": False, "lora_r": 4, "lora_alpha": 8, "blueprint_max_tokens": 12,
+    settings = {"model": model, "load_in_4bit": False, "lora_r": 4, "blueprint_max_tokens": 12,
                 "action_max_tokens": 4, "max_solution_moves": 1, "max_steps": 4, **overrides}
     cfg = load_config(ROOT / "configs" / "sokoban_cpu_paper.yaml", settings)
     run = RunDir(path)

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_one_iteration_on_cuda(tmp_path, four_bit):
-    cfg = load_config(None, {"model": "tiny", "tiny_hidden": 128, "device": "cuda", "dtype": "bfloat16",
+    cfg = load_config(None, {"model": "tiny?hidden=128", "device": "cuda", "dtype": "bfloat16",
                              "load_in_4bit": four_bit, "gradient_checkpointing": True, "iterations": 1,
                              "tasks_per_iteration": 2, "group_size": 2, "rollouts_per_blueprint": 2,
                              "blueprint_max_tokens": 12, "action_max_tokens": 4, "max_steps": 3})

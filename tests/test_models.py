@@ -43,7 +43,7 @@ def test_lora_only_trains_the_adapter(tiny_cfg):
 def test_4bit_lora_forward_and_backward_on_cpu():
     """Real bitsandbytes NF4 on the CPU under a real peft LoRA: gradients reach the adapter only."""
     import bitsandbytes as bnb
-    cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True, lora_r=4, lora_alpha=8)
+    cfg = ModelConfig(model="tiny?hidden=128", load_in_4bit=True, lora_r=4)
     model, tok = models.load(cfg)
     quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised, "no Linear4bit layer: the model was not quantised"
@@ -58,14 +58,11 @@ def test_4bit_lora_forward_and_backward_on_cpu():
     assert 1 <= len(out[0].ids) <= 4
 
 
-@pytest.mark.parametrize("upcast", [False, True])
-def test_4bit_bf16_activations_stay_bf16_unless_upcast_asked(upcast):
+def test_4bit_bf16_activations_stay_bf16():
     """peft's k-bit preparation upcasts the unquantised weights (embeddings, norms) to float32, which
-    turns every activation float32. By default they go back to `dtype`: the hidden states, each
-    projection's output and the logits are bf16, LoRA weights alone stay float32, and the adapter
-    still gets finite gradients."""
-    cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True, dtype="bfloat16", lora_r=4, lora_alpha=8,
-                      upcast_unquantised=upcast)
+    turns every activation float32. They go back to `dtype`: the hidden states, each projection's output
+    and the logits are bf16, LoRA weights alone stay float32, and the adapter still gets finite gradients."""
+    cfg = ModelConfig(model="tiny?hidden=128", load_in_4bit=True, dtype="bfloat16", lora_r=4)
     model, tok = models.load(cfg)
     seen = {}
     for name, module in model.named_modules():
@@ -75,18 +72,16 @@ def test_4bit_bf16_activations_stay_bf16_unless_upcast_asked(upcast):
     prompt = policy.encode([{"role": "user", "content": "Which way?"}], "Direction:")
     logp, _ = policy.logprobs([prompt], [tok.encode(" up", add_special_tokens=False)])
     (-logp.sum()).backward()
-    want = torch.float32 if upcast else torch.bfloat16
-    assert seen == {"base_layer": want, "post_attention_layernorm": want, "lm_head": want}
+    assert seen == {"base_layer": torch.bfloat16, "post_attention_layernorm": torch.bfloat16, "lm_head": torch.bfloat16}
     f32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
-    if not upcast:
-        assert f32 and all("lora_" in n for n in f32)
+    assert f32 and all("lora_" in n for n in f32)
     grads = [p.grad for n, p in model.named_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_quant_skip_modules_stay_full_precision():
     import bitsandbytes as bnb
-    cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True,
+    cfg = ModelConfig(model="tiny?hidden=128", load_in_4bit=True,
                       quant_skip_modules=["gate_proj", "up_proj", "down_proj"])
     model, _ = models.load(cfg)
     names = {n: type(m) for n, m in model.named_modules()}
@@ -132,7 +127,7 @@ def test_4bit_gradients_are_the_same_after_generation():
     generation then crashed on Qwen2's biased q/k/v (in-place bias add) or silently lost the
     gradient through the frozen weights. models.load switches the repacking off; this test
     trains after generating and compares with training before generating."""
-    cfg = ModelConfig(model="tiny", tiny_hidden=128, load_in_4bit=True, lora_r=4, lora_alpha=8)
+    cfg = ModelConfig(model="tiny?hidden=128", load_in_4bit=True, lora_r=4)
     torch.manual_seed(0)
     model, tok = models.load(cfg)
     with torch.no_grad():

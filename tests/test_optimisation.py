@@ -1,6 +1,6 @@
-"""How far one phase moves the shared weights (issue 11): one optimiser per role, no step on
-zero advantages, learning-rate warm-up, an early stop at a target KL, zero-variance groups
-leaving the update, and the collapse diagnostics. On the real tiny (test-only) model."""
+"""How far one phase moves the shared weights: one optimiser per role, no step without signal,
+learning-rate warm-up, zero-variance groups leaving the update, and the collapse diagnostics.
+On the real tiny (test-only) model."""
 import pytest
 import torch
 
@@ -26,7 +26,7 @@ def lora(policy):
 
 
 def test_zero_advantages_take_no_step_and_leave_every_weight_bit_identical(tiny_policy):
-    cfg = UpdateConfig(lr=1e-2, kl_beta=0.0, skip_zero_advantage=True)
+    cfg = UpdateConfig(lr=1e-2, kl_beta=0.0, drop_zero_variance=True)
     opt = make_optimizer(tiny_policy.model, cfg)
     policy_update(tiny_policy, opt, rows_for(tiny_policy), cfg, {BLUEPRINT, ACTION})  # momentum now non-zero
     before = lora(tiny_policy)
@@ -34,7 +34,7 @@ def test_zero_advantages_take_no_step_and_leave_every_weight_bit_identical(tiny_
     assert stats["steps"] == 0 and stats["steps_skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, lora(tiny_policy)))
     # the defect the key fixes: without it, Adam's momentum moves every weight on a zero gradient
-    off = UpdateConfig(lr=1e-2, kl_beta=0.0, skip_zero_advantage=False)
+    off = UpdateConfig(lr=1e-2, kl_beta=0.0, drop_zero_variance=False)
     policy_update(tiny_policy, opt, rows_for(tiny_policy, (0.0, 0.0, 0.0)), off, {BLUEPRINT, ACTION})
     assert any(not torch.equal(a, b) for a, b in zip(before, lora(tiny_policy)))
 
@@ -71,16 +71,6 @@ def test_warmup_ramps_each_optimisers_step_linearly(tiny_policy):
     assert opt.state_dict()["param_groups"][0]["himac_steps"] == 5  # saved with the optimiser: survives resume
 
 
-def test_target_kl_stops_the_remaining_steps(tiny_policy):
-    rows = rows_for(tiny_policy)
-    free = UpdateConfig(lr=5e-2, kl_beta=0.0, ppo_epochs=4)
-    stats = policy_update(tiny_policy, make_optimizer(tiny_policy.model, free), rows, free, {BLUEPRINT, ACTION})
-    assert stats["steps"] == 4 and stats["steps_skipped"] == 0 and stats["approx_kl"] > 1e-6
-    capped = UpdateConfig(lr=5e-2, kl_beta=0.0, ppo_epochs=4, target_kl=1e-6)
-    stats = policy_update(tiny_policy, make_optimizer(tiny_policy.model, capped), rows, capped, {BLUEPRINT, ACTION})
-    assert 1 <= stats["steps"] < 4 and stats["steps"] + stats["steps_skipped"] == 4
-
-
 def test_silent_groups_by_hand():
     per_step = [[0.5, 0.5], [-0.5, -0.5], [1e-11], [0.0, 0.0], [0.0], [0.0, 0.3]]
     group = [0, 0, 1, 1, 2, 2]  # group 2 is loud through one GiGPO step term
@@ -91,7 +81,7 @@ def test_silent_groups_by_hand():
 
 FAST = {"model": "tiny", "iterations": 1, "tasks_per_iteration": 3, "group_size": 2, "rollouts_per_blueprint": 2,
         "blueprint_max_tokens": 8, "action_max_tokens": 3, "max_steps": 3, "subgoal_step_limit": 2,
-        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4, "lora_alpha": 8}
+        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4}
 
 
 @pytest.mark.parametrize("drop", [True, False])

@@ -64,7 +64,7 @@ def test_tensorboard_and_wandb_follow_a_crashed_and_resumed_run(tmp_path):
 def test_reporters_skip_what_is_not_a_finite_number_and_survive_a_broken_one(tmp_path):
     pytest.importorskip("tensorboard")
     run = RunDir(tmp_path / "run")
-    reps = reporting.make_reporters(["jsonl", "tensorboard"], run, {"lr": 1e-5, "lora_target": ["all-linear"]})
+    reps = reporting.make_reporters(["jsonl", "tensorboard"], run, {"lr": 1e-5, "failure_keywords": ["deadlock"]})
 
     class Broken:
         def log(self, metrics, step):

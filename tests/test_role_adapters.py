@@ -22,7 +22,7 @@ from test_update import rows_for
 @pytest.fixture
 def role_policy():
     torch.manual_seed(0)
-    model, tok = models.load(models.ModelConfig(model="tiny", lora_r=8, lora_alpha=16, role_adapters=True))
+    model, tok = models.load(models.ModelConfig(model="tiny", lora_r=8, role_adapters=True))
     return Policy(model, tok, gen_batch_size=8)
 
 
@@ -109,14 +109,14 @@ def test_a_checkpoint_keeps_both_adapters(tmp_path, role_policy):
                 p.normal_(0, 0.05)
     run = RunDir(tmp_path / "run")
     run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
-    cfg = models.ModelConfig(model="tiny", lora_r=8, lora_alpha=16, role_adapters=True)
+    cfg = models.ModelConfig(model="tiny", lora_r=8, role_adapters=True)
     loaded, _ = models.load(cfg, adapter_dir=run.adapter_dir)
     for adapter in (models.PLANNER_ADAPTER, models.EXECUTOR_ADAPTER):
         for a, b in zip(models.adapter_params(loaded, adapter), models.adapter_params(role_policy.model, adapter)):
             assert torch.equal(a, b), adapter
     assert loaded.active_adapter == models.EXECUTOR_ADAPTER
     assert all(p.requires_grad for p in models.adapter_params(loaded, models.PLANNER_ADAPTER))
-    single = models.ModelConfig(model="tiny", lora_r=8, lora_alpha=16)
+    single = models.ModelConfig(model="tiny", lora_r=8)
     plain, _ = models.load(single)
     plain.save_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="role_adapters"):
@@ -136,7 +136,7 @@ def test_role_adapters_are_refused_where_there_is_one_role_or_one_joint_step(rol
 def test_the_summary_and_model_card_say_what_export_writes_and_how_to_load_the_planner(tmp_path, role_policy):
     from himac import reporting
     run = RunDir(tmp_path / "run")
-    flat = load_config(None, {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "role_adapters": True}).flat()
+    flat = load_config(None, {"model": "tiny", "lora_r": 8, "role_adapters": True}).flat()
     run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
     for roles in (True, False):
         summary = reporting.run_summary(run, dict(flat, role_adapters=roles), 1.0, checkpoint_iteration=0)
@@ -155,7 +155,7 @@ def test_a_run_directory_loads_with_its_own_adapters_whatever_config_the_caller_
         for p in models.adapter_params(role_policy.model, models.PLANNER_ADAPTER):
             p.normal_(0, 0.05)
     run = RunDir(tmp_path / "run")
-    run.write_config(load_config(None, {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "role_adapters": True}).flat())
+    run.write_config(load_config(None, {"model": "tiny", "lora_r": 8, "role_adapters": True}).flat())
     run.save_checkpoint(role_policy.model, Optimizers(role_policy.model, UpdateConfig()), 0)
     policy = load_backend("hf", str(run.path), load_config(None, {"model": "tiny"}))  # no role_adapters in it
     assert models.has_role_adapters(policy.model)

@@ -95,7 +95,7 @@ def test_weights_are_seeded_per_tensor():
 @pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "nf4+lora"])
 def test_a_cut_shape_loads_like_a_hub_model_and_gives_logits_over_its_vocabulary(four_bit):
     with pytest.warns(UserWarning, match=shapes.SHAPE_NOTE):
-        model, tok = models.load(models.ModelConfig(model=CUT, lora_r=8, lora_alpha=16, load_in_4bit=four_bit,
+        model, tok = models.load(models.ModelConfig(model=CUT, lora_r=8, load_in_4bit=four_bit,
                                                     device="cpu"))
     base = model.get_base_model()
     layer = base.model.layers[0]
@@ -150,7 +150,7 @@ def test_a_cut_vl_shape_sees_a_sokoban_frame():
     from envs.sokoban import parse_room, render_rgb
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model, tok = models.load(models.ModelConfig(model=CUT_VL, lora_r=8, lora_alpha=16, device="cpu"))
+        model, tok = models.load(models.ModelConfig(model=CUT_VL, lora_r=8, device="cpu"))
     policy = Policy(model, tok, gen_batch_size=2)
     base = model.get_base_model()
     assert base.config.vision_config.hidden_size == 1280 and base.config.get_text_config().hidden_size == 2048

@@ -78,7 +78,7 @@ def test_the_executor_is_paid_for_doing_what_its_sub_goal_says(tiny_tokenizer):
 
 FAST = {"model": "tiny", "iterations": 1, "tasks_per_iteration": 2, "group_size": 2, "rollouts_per_blueprint": 2,
         "blueprint_max_tokens": 8, "action_max_tokens": 3, "max_steps": 3, "subgoal_step_limit": 2,
-        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4, "lora_alpha": 8,
+        "min_solution_moves": 1, "max_solution_moves": 3, "micro_batch_size": 8, "lora_r": 4,
         "blueprint_choices": True, "max_subgoals": 2, "action_choices": True, "subgoal_overrun": "advance"}
 
 

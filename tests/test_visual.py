@@ -69,7 +69,7 @@ def test_observation_modes():
 @pytest.fixture(scope="module")
 def vl_policy():
     torch.manual_seed(0)
-    model, tok = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, lora_alpha=16))
+    model, tok = models.load(models.ModelConfig(model="tiny-vl", lora_r=8))
     return Policy(model, tok, gen_batch_size=8)
 
 
@@ -174,7 +174,7 @@ def test_image_markers_are_never_written_and_the_update_runs_on_what_was(vl_poli
 
 def test_lora_on_the_language_model_only_and_the_vision_tower_frozen_and_unquantised():
     import bitsandbytes as bnb
-    model, _ = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, lora_alpha=16, load_in_4bit=True,
+    model, _ = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, load_in_4bit=True,
                                               gradient_checkpointing=True))
     names = {n for n, _ in model.named_modules()}
     assert any("language_model" in n and "lora_A" in n for n in names)
@@ -187,7 +187,7 @@ def test_lora_on_the_language_model_only_and_the_vision_tower_frozen_and_unquant
 
 
 def test_vision_tower_stays_in_bf16_under_4bit():
-    model, _ = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, lora_alpha=16, load_in_4bit=True,
+    model, _ = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, load_in_4bit=True,
                                               dtype="bfloat16"))
     dtypes = {p.dtype for n, p in model.named_parameters() if ".visual." in n}
     assert dtypes == {torch.bfloat16}  # peft's k-bit preparation had upcast it to float32
@@ -280,7 +280,7 @@ def test_phase_a_and_phase_b_gradients_only_where_the_masks_say(vl_policy):
 
 def test_phase_updates_move_lora_and_leave_the_vision_tower():
     torch.manual_seed(1)
-    model, tok = models.load(models.ModelConfig(model="tiny-vl", lora_r=8, lora_alpha=16))
+    model, tok = models.load(models.ModelConfig(model="tiny-vl", lora_r=8))
     vl_policy = Policy(model, tok, gen_batch_size=8)  # its own: this test changes the weights
     bps, trajs = rollout(vl_policy)
     flat = [z for g in bps for z in g]

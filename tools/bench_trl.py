@@ -236,9 +236,9 @@ def himac_config(spec: dict):
         "env": "sokoban", "room_size": spec["room_size"], "max_steps": 1, "min_solution_moves": 1,
         "max_solution_moves": spec["max_solution_moves"], "model": spec["model"], "device": spec["device"],
         "dtype": spec["dtype"], "load_in_4bit": False, "gradient_checkpointing": False, "lora_r": spec["lora_r"],
-        "lora_alpha": spec["lora_alpha"], "lora_dropout": 0.0, "hierarchy": False, "tasks_per_iteration": P,
+        "hierarchy": False, "tasks_per_iteration": P,
         "rollouts_per_blueprint": G, "action_max_tokens": spec["max_new_tokens"], "executor_temperature": 1.0,
-        "lr": spec["lr"], "kl_beta": spec["beta"], "clip_eps": 0.2, "max_grad_norm": 1.0, "weight_decay": 0.0,
+        "lr": spec["lr"], "kl_beta": spec["beta"], "clip_eps": 0.2, "max_grad_norm": 1.0,
         "loss_aggregation": "sample", "micro_batch_size": P * G, "gen_batch_size": P * G, "seed": spec["seed"],
         "iterations": spec["warmup"] + spec["iterations"], "eval_episodes": 0})
 
@@ -293,7 +293,7 @@ def run_trl(spec: dict, rec: dict) -> None:
 
     from envs.sokoban import PROMPTS, SokobanEnv, parse_action
     from himac import models
-    from himac.executor import ExecutorConfig, build_flat_messages
+    from himac.executor import INVALID_PENALTY, build_flat_messages
     from himac.policy import Policy, chat_ids
 
     clock = Clock(spec["device"])
@@ -326,7 +326,6 @@ def run_trl(spec: dict, rec: dict) -> None:
             texts.append(text)
             seeds.append(s)
     rec["prompt_ids_match"] = bool(match)
-    invalid_penalty = ExecutorConfig().invalid_action_penalty
 
     def sokoban_return(prompts, completions, seed, **kwargs):
         """The flat loop's return of one move: the env's step reward, plus its penalty for an invalid answer."""
@@ -335,7 +334,7 @@ def run_trl(spec: dict, rec: dict) -> None:
             env.reset(int(s))
             action, valid = parse_action(PROMPTS.flat_prefix + text)
             _, reward, _, _ = env.step(action if valid else None)
-            out.append(reward + (0.0 if valid else invalid_penalty))
+            out.append(reward + (0.0 if valid else INVALID_PENALTY))
         return out
 
     class StepClock(TrainerCallback):
@@ -362,7 +361,7 @@ def run_trl(spec: dict, rec: dict) -> None:
             optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=spec["beta"], epsilon=0.2,
             loss_type="grpo", scale_rewards="group", num_iterations=1, max_steps=W + N, shuffle_dataset=False,
             logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
-        lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+        lora = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         callback = StepClock()
         trainer = GRPOTrainer(model=model, reward_funcs=clock.timed(sokoban_return, "reward"), args=args,
@@ -480,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient (0 skips the reference forward)")
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--room-size", type=int, default=6)
     ap.add_argument("--max-solution-moves", type=int, default=1, help="the rooms' optimum: 1 = one-move rooms")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each side's process")
@@ -513,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompts": P, "group": args.group,
             "max_new_tokens": args.max_new_tokens,
             "iterations": args.iterations, "warmup": args.warmup, "lr": args.lr, "beta": args.beta,
-            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "room_size": args.room_size,
+            "lora_r": args.lora_r, "room_size": args.room_size,
             "max_solution_moves": args.max_solution_moves, "threads": args.threads, "seed": args.seed,
             "seeds": [task_seeds(args.seed, t, P) for t in range(args.warmup + args.iterations)]}
     tic = time.perf_counter()
@@ -543,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if models.is_shape(args.model):
         print(f"{args.model}: {models.SHAPE_NOTE} (rewards mean nothing; speed and memory are the point)")
     print(f"model {args.model}, {P} prompts x group {args.group}, {args.max_new_tokens} new tokens, "
-          f"LoRA r {args.lora_r} alpha {args.lora_alpha}, beta {args.beta}, lr {args.lr}; {device}, {args.dtype}; "
+          f"LoRA r {args.lora_r} alpha {2 * args.lora_r}, beta {args.beta}, lr {args.lr}; {device}, {args.dtype}; "
           f"{args.warmup} warm-up + {args.iterations} timed iterations; "
           + ", ".join(f"{k} {x}" for k, x in v.items()))
     print(f"trainable LoRA parameters: himac {summary['himac']['trainable_params']:,}, "
