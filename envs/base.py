@@ -72,12 +72,13 @@ def _num(x: float) -> str:
 
 
 def validate(obj: Any) -> None:
-    """Check every field of config dataclass `obj` against the bounds (Range) and choices (Literal, also of a
-    list's items) its type names; ConfigError names the first key that breaks them. Each config's
+    """Check every field of config dataclass `obj`: a number is finite and within the bounds (Range) its type
+    names, a choice among its Literal's (also a list's items); ConfigError names the first key that breaks them. Each config's
     __post_init__ calls it."""
     hints = typing.get_type_hints(type(obj), include_extras=True)
     for f in dataclasses.fields(obj):
         value, hint = getattr(obj, f.name), hints[f.name]
+        check(not isinstance(value, float) or math.isfinite(value), f.name, value, "must be a finite number")
         rules = getattr(hint, "__metadata__", ())
         for rule in rules:
             if isinstance(rule, Range) and value is not None:

@@ -362,7 +362,7 @@ def test_without_title_nouns_and_spacy_says_what_to_do(monkeypatch, tmp_path):
         WebshopEnv(WebshopConfig(data_path=str(root), test_goals=2))
 
 
-@pytest.mark.parametrize("key, value, why", [("reward", "points", "use one of"), ("max_steps", 0, ">= 1"),
+@pytest.mark.parametrize("key, value, why", [("reward", "points", "is not one of"), ("max_steps", 0, ">= 1"),
                                              ("test_goals", 0, ">= 1"), ("max_field_chars", -1, ">= 0")])
 def test_bad_config_values_name_the_key(key, value, why):
     with pytest.raises(ConfigError, match=f"'{key}' = .*{why}"):
