@@ -4,9 +4,12 @@
     python -m himac.coevolve --resume DIR [--set iterations=20]
 
 Checks come before anything is written: a bad config key or value, a run directory
-that already holds another run, a checkpoint that does not match the config (keys that
+that already holds another run or that another process is writing (one writer per
+directory: himac.rundir.RunLock), a checkpoint that does not match the config (keys that
 fix the adapter's or the optimiser's shape cannot change on resume), a truncated
 adapter, a missing reporting extra. Each is one line naming the value, exit 2.
+SIGTERM (a scheduler's or a preemptible machine's notice) stops a run as Ctrl-C does:
+the last completed iteration is checkpointed, the summary says so, exit 143 (Ctrl-C: 130).
 Under torchrun rank 0 checks and the others follow its decision; a rank lost midway
 stops every rank with the checkpoint intact (exit 1).
 """
@@ -26,7 +29,7 @@ from himac import distributed as dist
 from himac import models, quiet, reporting
 from himac.experiment import Config, load_config, sections
 from himac.loop import TrainingError, TrainingLoop
-from himac.rundir import RunDir, UnsafeCheckpoint, read_trainer_state
+from himac.rundir import RunDir, RunLock, RunLocked, UnsafeCheckpoint, read_trainer_state
 
 # Keys that fix the shape of the adapter or of the optimiser state: a checkpoint cannot change them.
 FIXED_ON_RESUME = ("env", "dtype", *models.ADAPTER_KEYS, "optimizer_per_role")
@@ -51,6 +54,8 @@ def main(argv: list[str] | None, loop: type[TrainingLoop], prog: str, descriptio
     started = time.perf_counter()
     if not args.verbose:
         quiet.quiet()
+    if threading.current_thread() is threading.main_thread() and not dist.launched():
+        signal.signal(signal.SIGTERM, _terminated)  # outside the loop (loading, the summary) as Ctrl-C is
     try:
         if args.keys:
             return _keys(args.keys)
@@ -67,9 +72,10 @@ def main(argv: list[str] | None, loop: type[TrainingLoop], prog: str, descriptio
             return 1
         finally:
             dist.close()
-    except KeyboardInterrupt:  # before or after the training loop (the loop handles its own)
-        print("\nhimac: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before or after the training loop (the loop handles its own)
+        stop = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"\nhimac: interrupted ({STOPPED_BY[stop]})", file=sys.stderr)
+        return 128 + stop
 
 
 def _keys(env: str) -> int:
@@ -81,56 +87,87 @@ def _keys(env: str) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace, out: str | None = None, checks: bool = True) -> tuple[Config, RunDir]:
-    """The config and run directory of this start; ConfigError / UnsafeCheckpoint name what is wrong. `out`:
-    rank 0's run directory, for the other ranks, which skip the checks (`checks`) rank 0 made."""
+def _prepare(args: argparse.Namespace, out: str | None = None, checks: bool = True
+             ) -> tuple[Config, RunDir, RunLock | None]:
+    """The config, run directory and its lock for this start; ConfigError / UnsafeCheckpoint / RunLocked name what
+    is wrong. Everything a config alone can refuse is checked before the directory is made; the lock is taken
+    before anything in the directory is read, recovered or written. `out`: rank 0's run directory, for the other
+    ranks, which skip the checks (`checks`) and the lock rank 0 holds."""
     overrides = C.parse_overrides(args.overrides)
+    lock = None
     if args.resume:
         run = RunDir(args.resume, create=False)  # a typo must not create a folder
-        if not run.has_checkpoint():
-            raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (expected checkpoint/trainer.pt)")
-        saved = read_trainer_state(run.checkpoint / "trainer.pt")  # refuses an unsafe or broken file first
-        if checks:
-            check_adapter(run)
-        cfg = load_config(args.config, overrides, base=resumed_config(run, saved))
-        check_resume(saved, cfg)
-    else:
-        cfg = load_config(args.config, overrides)
-        out = Path(out or args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if checks and out.exists() and not out.is_dir():
-            raise C.ConfigError(f"--out {out} is a file, not a directory")
-        run = RunDir(out, create=False)
-        if checks and run.has_checkpoint():
-            raise C.ConfigError(f"--out {out} already holds a checkpoint; use --resume {out} or another --out")
-        if checks and run.has_logs():
-            raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
-                                "but no checkpoint; a new run would mix its rows with them: use another --out")
+        if not run.path.is_dir():
+            raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (no such directory)")
+        lock = run.lock() if checks else None
+    try:
+        if args.resume:
+            if not run.has_checkpoint():
+                raise C.ConfigError(f"--resume {args.resume}: no checkpoint there (expected checkpoint/trainer.pt)")
+            saved = read_trainer_state(run.checkpoint / "trainer.pt")  # refuses an unsafe or broken file first
+            if checks:
+                check_adapter(run)
+            cfg = load_config(args.config, overrides, base=resumed_config(run, saved))
+            check_resume(saved, cfg)
+            _check_machine(cfg)
+        else:
+            cfg = load_config(args.config, overrides)
+            out = Path(out or args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if checks and out.exists() and not out.is_dir():
+                raise C.ConfigError(f"--out {out} is a file, not a directory")
+            _check_machine(cfg)
+            run = RunDir(out, create=False)
+            lock = run.lock() if checks else None
+            if checks and run.has_checkpoint():
+                raise C.ConfigError(f"--out {out} already holds a checkpoint; use --resume {out} or another --out")
+            if checks and run.has_logs():
+                raise C.ConfigError(f"--out {out} already holds the logs of another run ({', '.join(run.has_logs())}) "
+                                    "but no checkpoint; a new run would mix its rows with them: use another --out")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return cfg, run, lock
+
+
+def _check_machine(cfg: Config) -> None:
+    """What this machine must offer the config: the device, the reporters' packages, a task per rank."""
     models.resolve_device(dist.device_name(cfg.model.device))  # 'cuda' on a machine without one fails here, named
     reporting.check_available(cfg.run.report_to)  # a missing extra fails here, before anything is written
     C.check(cfg.run.tasks_per_iteration >= dist.world(), "tasks_per_iteration", cfg.run.tasks_per_iteration,
             f"must be >= the number of ranks ({dist.world()}): each rank plays whole tasks")
-    return cfg, run
 
 
 def _train(args: argparse.Namespace, loop: type[TrainingLoop], started: float) -> int:
     main_rank = dist.is_main()
-    error, path = None, None
+    error, path, lock = None, None, None
     if main_rank:  # rank 0 checks (and may recover) the run directory before any rank reads it
         try:
-            cfg, run = _prepare(args)
+            cfg, run, lock = _prepare(args)
             path = str(run.path)
-        except (C.ConfigError, UnsafeCheckpoint) as e:
+        except (C.ConfigError, UnsafeCheckpoint, RunLocked) as e:
             error = str(e)
     error, path = dist.broadcast((error, path))
     if error is not None:
         if main_rank:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        if not main_rank:
+            cfg, run, _ = _prepare(args, out=path, checks=False)
+        return _run(args, loop, started, cfg, run, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: argparse.Namespace, loop: type[TrainingLoop], started: float, cfg: Config, run: RunDir,
+         lock: RunLock | None) -> int:
+    main_rank = dist.is_main()
     if not main_rank:
         warnings.simplefilter("ignore")  # rank 0 has said it
-        cfg, run = _prepare(args, out=path, checks=False)
-    if not args.resume and main_rank:
-        run = RunDir(run.path)
+    elif lock.describe_taken_over():
+        print(lock.describe_taken_over(), file=sys.stderr)
     trainer = loop(cfg, run, resume=bool(args.resume))
     if main_rank:
         run.write_config(cfg.flat())  # only now: a config that failed to load a trainer is never written
@@ -157,10 +194,27 @@ def _train(args: argparse.Namespace, loop: type[TrainingLoop], started: float) -
     finally:
         trainer.close()
         trainer.reporter.close()
+    stop = trainer.interrupted  # the signal that stopped the loop, or None
+    if stop == signal.SIGTERM:
+        who = f"rank {dist.rank()} was stopped by the launcher" if dist.active() else "the run was stopped"
+        print(f"himac: {who} (SIGTERM); the checkpoint holds iteration {trainer.checkpointed}: continue with "
+              f"--resume {run.path}", file=sys.stderr)
     if main_rank:
-        print(reporting.run_summary(run, cfg.flat(), time.perf_counter() - started, interrupted=trainer.interrupted,
-                                    checkpoint_iteration=trainer.checkpointed, reporters=tuple(cfg.run.report_to)))
-    return 130 if trainer.interrupted else 0
+        print(reporting.run_summary(run, cfg.flat(), time.perf_counter() - started,
+                                    interrupted=STOPPED_BY.get(stop), checkpoint_iteration=trainer.checkpointed,
+                                    reporters=tuple(cfg.run.report_to)))
+    return 128 + stop if stop else 0
+
+
+STOPPED_BY = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: stopped as Ctrl-C stops it, exit 143."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
 
 
 def _stop_on_sigterm() -> None:

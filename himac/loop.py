@@ -9,7 +9,8 @@ class). Around each iteration, here and nowhere else:
   at the end), on held-out seeds (himac.evaluation);
 - logging (metrics.jsonl, eval.jsonl, samples.jsonl, TensorBoard / W&B) and
   checkpoints (every `save_every`, and at the end), each written whole;
-- Ctrl-C: the iteration in flight is dropped, the last completed one is checkpointed;
+- Ctrl-C and SIGTERM (a scheduler's notice): the iteration in flight is dropped, the last
+  completed one is checkpointed (by rank 0, from its own copy: no collective is needed);
 - a run that keeps failing (NaN steps, a broken env) stops with its last good
   checkpoint;
 - data-parallel ranks (torchrun): one clock, one writer (rank 0), one decision.
@@ -65,7 +66,7 @@ class TrainingLoop:
             torch.manual_seed(cfg.run.seed * 7919 + self.start * 104_729 + dist.rank() + 1)
         self.reporter = reporting.Reporters()  # TensorBoard / W&B beside metrics.jsonl (launch sets them)
         self.checkpointed: int | None = self.start - 1 if resume else None  # the iteration the checkpoint holds
-        self.interrupted = False  # Ctrl-C stopped train()
+        self.interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped train()
         self._snapshot = None  # (iteration, adapter, optimiser state, RNG) of the last uncheckpointed iteration
 
     def iteration(self, t: int, bar=None) -> tuple[dict, list[dict]]:
@@ -110,15 +111,15 @@ class TrainingLoop:
                 pool.close()
 
     def train(self) -> list[dict]:
-        """Every iteration from `start`. Ctrl-C stops cleanly: the iteration in flight is abandoned, the last
-        completed one is checkpointed (if it was not already) and `self.interrupted` is set."""
+        """Every iteration from `start`. Ctrl-C or SIGTERM stops cleanly: the iteration in flight is abandoned,
+        the last completed one is checkpointed (if it was not already) and `self.interrupted` names the signal."""
         history: list[dict] = []
         with _Interrupts() as guard:
             try:
                 self._loop(history, guard)
             except KeyboardInterrupt:
-                self.interrupted = True
-                with guard.deferred():  # a second Ctrl-C does not break the checkpoint being written
+                self.interrupted = guard.signal or signal.SIGINT
+                with guard.deferred():  # a second signal does not break the checkpoint being written
                     self._checkpoint_last_completed(history)
         return history
 
@@ -300,26 +301,29 @@ def _to_cpu(obj):
 
 
 class _Interrupts:
-    """Ctrl-C (SIGINT) in the training loop: outside `deferred()` it stops the iteration in flight at once
-    (KeyboardInterrupt); inside (writing a finished iteration's logs and checkpoint) it is held until the block
-    is done, and `check()` raises it then. Only the main thread can take signals; elsewhere this is a no-op."""
+    """Ctrl-C (SIGINT) and SIGTERM in the training loop: outside `deferred()` either stops the iteration in flight
+    at once (KeyboardInterrupt); inside (writing a finished iteration's logs and checkpoint) it is held until the
+    block is done, and `check()` raises it then. `signal` is the first one that came. Only the main thread can
+    take signals; elsewhere this is a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.signal: int | None = None
         self._deferring = 0
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.signal = self.signal or signum
         if not self._deferring:
             raise KeyboardInterrupt
 
@@ -332,7 +336,7 @@ class _Interrupts:
             self._deferring -= 1
 
     def check(self) -> None:
-        if self.requested:
+        if self.signal:
             raise KeyboardInterrupt
 
 

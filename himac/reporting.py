@@ -325,14 +325,14 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
-def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted: bool = False,
+def run_summary(run: RunDir, config: dict[str, Any], wall_s: float, interrupted: str | None = None,
                 checkpoint_iteration: int | None = None, reporters: tuple[str, ...] = ()) -> str:
     """What happened and what to do next: held-out success before and after, the best iteration, time, peak
     memory, where everything is, and the commands to evaluate, resume and export the run."""
     metrics, evals = run.metrics(), run.metrics("eval.jsonl")
     path, total = run.path, config.get("iterations", 0)
     done = metrics[-1]["iteration"] + 1 if metrics else 0
-    head = "interrupted (Ctrl-C)" if interrupted else "done"
+    head = f"interrupted ({interrupted})" if interrupted else "done"
     lines = [f"himac: {head}: {done} of {total} iterations; this session {_duration(wall_s)}"
              + (f", training {_duration(metrics[-1].get('train_s') or 0.0)} in all" if metrics else "")
              + f"; peak memory {peak_memory()}"]

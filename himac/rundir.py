@@ -11,9 +11,13 @@
     export/          GGUF exports of the checkpoint (agent-<quant>.gguf), made on demand
     tensorboard/     TensorBoard event files (report_to: tensorboard)
     wandb/           the W&B run (report_to: wandb): offline-run-*/ and run-id, the id a resumed run continues
+    .lock            the writer's pid and host while a run holds the directory (RunLock)
 
 This class is the one place that knows the layout: the trainer, evaluation,
 export and the tools ask it for paths.
+
+A run directory has one writer: `RunDir.lock()` takes an exclusive lock before
+anything is written or recovered, and a second process stops naming the holder.
 
 Checkpoints are written to a temporary directory and renamed into place, so a
 crash mid-write leaves the previous checkpoint intact. On resume, metric lines
@@ -22,6 +26,7 @@ again).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -29,6 +34,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -84,6 +90,12 @@ class RunDir:
     @property
     def wandb_id_file(self) -> Path:
         return self.wandb_dir / "run-id"
+
+    def lock(self) -> RunLock:
+        """Hold this directory for one writer until the process exits (or `release()`); RunLocked names the
+        process that holds it. The directory is made if need be."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.path / ".lock")
 
     def export_file(self, quant: str) -> Path:
         """Where the checkpoint's merged GGUF at precision `quant` is kept."""
@@ -214,6 +226,65 @@ class RunDir:
         elif old.exists():
             os.replace(old, self.checkpoint)
         shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run directory."""
+
+
+class RunLock:
+    """An exclusive `flock` on RUN/.lock, held for the life of the run, whose file names the holder.
+
+    The kernel frees a flock when its process dies (kill -9 included; over NFS, when the
+    server's lease on a crashed client runs out), so a dead holder never leaves the
+    directory locked: the next writer takes it at once, and the file's old contents, a
+    holder that is gone, become a warning (`taken_over`). Never waits: a held lock is an
+    error at once. The file stays (emptied) on release, so no two processes ever lock
+    two different files of the same name.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLocked(f"{path.parent} is in use by {_describe(holder)}; wait for it to end, or use another "
+                            "directory") from None
+        self.taken_over = _read_holder(fd)  # a holder that died without releasing: what the file still says
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self.fd: int | None = fd
+
+    def describe_taken_over(self) -> str | None:
+        """A warning when the lock was taken from a holder that no longer held it, else None."""
+        if not self.taken_over:
+            return None
+        return (f"himac: warning: took over {self.path.parent} from {_describe(self.taken_over)}, which no longer "
+                "holds it (killed, or its machine went down); its last checkpoint is what --resume continues")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the descriptor frees the flock
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
 
 
 CRASH_POINTS = ("checkpoint_tmp", "checkpoint_swap", "after_log:metrics.jsonl", "after_log:eval.jsonl",

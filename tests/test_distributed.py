@@ -9,15 +9,18 @@
 - the loop as a user runs it: `torchrun --nproc_per_node 2 -m himac.coevolve` against
   `python -m himac.coevolve` on the same seed and tasks (sampling: keyed): equal metrics,
   evaluation and samples; resumed on 1 process, equal adapter weights; a rank killed in a
-  resumed 2-rank run stops it with a message, a non-zero exit and a readable checkpoint.
+  resumed 2-rank run stops it with a message, a non-zero exit and a readable checkpoint;
+  SIGTERM to torchrun stops every rank and rank 0 checkpoints the last completed iteration.
 """
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -263,3 +266,32 @@ def test_a_killed_rank_stops_the_run_and_keeps_the_checkpoint(runs, tmp_path):
     assert rd.has_checkpoint()
     assert read_trainer_state(rd.checkpoint / "trainer.pt")["iteration"] in (0, 1)
     check_adapter(rd)  # whole
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_and_rank_0_saves_the_last_completed_iteration(tmp_path):
+    """What a scheduler does before it kills a job: SIGTERM to torchrun, which passes it to every rank. Each
+    abandons the iteration in flight; rank 0 checkpoints the last completed one from its own copy (save_every
+    100: nothing else would have), and the run resumes on one process."""
+    from himac.launch import check_adapter
+    from himac.rundir import RunDir, read_trainer_state
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "himac.coevolve", *ARGS, "--set", "iterations=50", "--set", "save_every=100",
+                             "--set", "eval_episodes=0", "--out", str(out)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "rank 0 was stopped by the launcher (SIGTERM)" in stderr, stderr[-3000:]
+    done = lines(out / "metrics.jsonl")
+    rd = RunDir(out, create=False)
+    assert read_trainer_state(rd.checkpoint / "trainer.pt")["iteration"] == done[-1]["iteration"] < 49
+    check_adapter(rd)
+    last = done[-1]["iteration"]
+    coevolve("--resume", out, "--set", f"iterations={last + 2}")
+    assert [m["iteration"] for m in lines(out / "metrics.jsonl")] == list(range(last + 2))

@@ -1,7 +1,7 @@
 """Crash runs on purpose and check that nothing is lost and nothing goes silently wrong.
 
-    python tools/chaos.py --trials 20            # kill -9 trials + NaN trials, tiny test model
-    python tools/chaos.py --trials 4 --nan 0     # quicker
+    python tools/chaos.py --trials 20            # kill -9 trials, SIGTERM trials, NaN trials; tiny test model
+    python tools/chaos.py --trials 4 --sigterm 2 --nan 0     # quicker
 
 Kill trials: a short run of `python -m himac.coevolve` (the tiny test-only model) is killed
 with SIGKILL, at a random moment or at a named point inside the run directory's writes
@@ -10,6 +10,10 @@ checkpoint is half written, right after a log row, just before the first save). 
 then resumed (`--resume`) until it finishes, or restarted if it died before its first
 checkpoint, and compared with an uninterrupted run of the same config: the adapter must
 be bit-identical and every metric, evaluation and sample row equal, timing keys aside.
+
+SIGTERM trials send the run SIGTERM (what Slurm, Kubernetes and preemptible machines send
+before they kill a job) at a random moment: it must exit 143 having checkpointed its last
+completed iteration (or 0 if it had finished), and resume to the same adapter and logs.
 
 NaN trials run the trainer in this process with a NaN loss injected into the update
 (once, and in every step from some iteration on) and with the weights poisoned: the
@@ -50,7 +54,8 @@ def _argv(settings: dict) -> list[str]:
     return out
 
 
-def coevolve(args: list[str], crash_at: str | None = None, kill_after: float | None = None) -> int:
+def coevolve(args: list[str], crash_at: str | None = None, kill_after: float | None = None,
+             sig: int = signal.SIGKILL) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HIMAC_CRASH_AT", None)
     if crash_at:
@@ -61,9 +66,9 @@ def coevolve(args: list[str], crash_at: str | None = None, kill_after: float | N
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
     _, err = proc.communicate()
-    if proc.returncode not in (0, -signal.SIGKILL):
+    if proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGTERM):  # -15: still importing
         raise RuntimeError(f"coevolve {' '.join(args[:3])} ... exited {proc.returncode}: {err[-2000:]}")
     return proc.returncode
 
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="kill -9 trials (half at named points, half at random)")
     ap.add_argument("--points", default=",".join(CRASH_POINTS), help="named crash points to cycle through")
     ap.add_argument("--no-random", action="store_true", help="every kill trial at a named point")
+    ap.add_argument("--sigterm", type=int, default=2, help="SIGTERM trials, each at a random moment")
     ap.add_argument("--nan", type=int, default=1, help="rounds of the three NaN trials")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
@@ -209,6 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         results.append(not why)
         print(f"kill trial {k:2d} {what:34s} {'killed' if code else 'ran through':11s} resumed x{restarts + 1}: "
               f"{'OK, identical' if not why else 'FAIL: ' + why}", flush=True)
+
+    for k in range(args.sigterm):
+        run = tmp / f"term{k}"
+        shutil.rmtree(run, ignore_errors=True)
+        delay = rng.uniform(0.3, 1.0) * duration
+        code = coevolve([args.config, *_argv(FAST), "--out", str(run)], kill_after=delay, sig=signal.SIGTERM)
+        why = "" if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else f"exit {code}, not 143"
+        if code > 0 and not why:  # stopped in the loop: the checkpoint holds the last logged iteration
+            rows = RunDir(run, create=False).metrics()
+            state = read_trainer_state(run / "checkpoint" / "trainer.pt") if rows else None
+            if rows and state["iteration"] != rows[-1]["iteration"]:
+                why = f"checkpoint of iteration {state['iteration']}, last logged {rows[-1]['iteration']}"
+        restarts = finish(args.config, FAST, run)
+        why = why or compare(ref, snapshot(run))
+        results.append(not why)
+        print(f"SIGTERM trial {k:2d} after {delay:5.1f} s {'stopped' if code else 'ran through':11s} resumed "
+              f"x{restarts + 1}: {'OK, identical' if not why else 'FAIL: ' + why}", flush=True)
 
     for r in range(args.nan):
         for kind in ("once", "always", "poison"):
