@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 15): 2 gloo ranks on the CPU give what 1 process gives.
+"""Data-parallel training: 2 gloo ranks on the CPU give what 1 process gives.
 
 - the update alone: 2 ranks (torch.multiprocessing) holding half the samples each take the
   step 1 process takes on all of them (plain SGD, so every gradient's size shows), for each

@@ -1,4 +1,4 @@
-"""Visual Sokoban (issue 5): the RGB render against gym-sokoban, and the image path of the
+"""Visual Sokoban: the RGB render against gym-sokoban, and the image path of the
 shared policy on a tiny random Qwen2.5-VL built in-process (test-only): planner, executor,
 Phase A and Phase B with image observations, the gradient masks, and the CPU twin config
 run as a user runs it."""

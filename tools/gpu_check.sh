@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check for a bare CUDA machine (issue 14), in under 8 minutes, offline:
+# One GPU check for a bare CUDA machine, in under 8 minutes, offline:
 #
 #     bash tools/gpu_check.sh                  # from the repository root or anywhere
 #     GPU_CHECK_OUT=/tmp/gc bash tools/gpu_check.sh
